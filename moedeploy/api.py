@@ -1,0 +1,60 @@
+"""The Python door: `moedeploy.load(path, **options)`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from .layer import MoELayer
+from .loader import build_model
+from .options import LoadOptions
+from .store import Checkpoint
+
+
+@dataclass
+class Runtime:
+    """What moedeploy did to a model; reachable as `model.moedeploy`."""
+
+    family: str
+    options: LoadOptions
+    layers: dict[str, MoELayer]
+
+    def stats(self) -> dict:
+        """Routing statistics since load (or the last reset): one host sync per layer."""
+        routed = sum(layer.routed_pairs for layer in self.layers.values())
+        dropped = sum(int(layer.dropped_pairs) for layer in self.layers.values())
+        return {
+            "moe_layers": len(self.layers),
+            "gating": self.options.gating.mode,
+            "backend": sorted({layer.backend for layer in self.layers.values()}),
+            "routed_pairs": routed,
+            "dropped_pairs": dropped,
+            "dropped_fraction": dropped / routed if routed else 0.0,
+        }
+
+    def reset_stats(self) -> None:
+        for layer in self.layers.values():
+            layer.reset_stats()
+
+
+def load(path: str | Path, *, device="cpu", dtype="auto", gating: str = "dynamic", capacity_factor: float | None = None,
+         capacity_fraction: float | None = None, backend: str = "auto") -> nn.Module:
+    """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
+
+    Returns the transformers model (`model(input_ids)`, `model.generate(...)` work as usual), with
+    `model.moedeploy` describing the runtime.
+
+    device: "cpu" or "cuda[:N]". dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16".
+    gating: "dynamic" (sort tokens by expert; exact) or "static" (capacity buffers; the baseline).
+    capacity_factor / capacity_fraction: static gating's capacity, C = ceil(f * k * S / E) or
+    ceil(fraction * S); by default the model's own capacity (Switch, NLLB-MoE) or room for every token.
+    backend: expert kernel, "auto", "loop" or "grouped_mm".
+    """
+    opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
+                             capacity_fraction=capacity_fraction, backend=backend)
+    model, family = build_model(Checkpoint(path), opts)
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
+    model.moedeploy = Runtime(family=family.name, options=opts, layers=layers)
+    return model

@@ -1,0 +1,69 @@
+"""Dynamic gating (Huang et al. 2023, §4.1): sort the (token, expert) pairs by expert, and let each
+expert compute exactly the tokens it got. No capacity, no padding, no one-hot dispatch tensors.
+
+    routing [T, K] ──plan()──► Plan (order, tokens, weights, counts, offsets)
+    x [T, D] ──gather(plan)──► x_sorted [P, D] ──experts──► y_sorted [P, D] ──combine(plan)──► y [T, D]
+
+The plan is built once per layer call and passed down; both expert matrix multiplies reuse it.
+This module knows nothing about expert weights or where they live.
+
+Legend: T = tokens, K = experts per token, P = T*K pairs, E = experts, D = hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .routing import Routing
+
+
+@dataclass(frozen=True)
+class Plan:
+    order: Tensor  # [P] flat pair index (t*K + k), sorted by expert; dropped pairs last
+    tokens: Tensor  # [P] token of each sorted pair
+    weights: Tensor  # [P] gate weight of each sorted pair
+    counts: Tensor  # [E] pairs per expert (dropped pairs not counted)
+    offsets: Tensor  # [E] int32 end row of each expert's group: cumsum(counts), torch._grouped_mm's `offs`
+    may_drop: bool  # True when some pairs may carry the dropped sentinel (capacity routers)
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[0]
+
+
+def plan(routing: Routing, num_experts: int, may_drop: bool = False) -> Plan:
+    """Sort pairs by expert and count them. Pairs whose id is `num_experts` (dropped) sort last."""
+    ids = routing.ids.reshape(-1)  # [P]
+    K = routing.ids.shape[-1]
+    order = torch.argsort(ids, stable=True)  # stable: within an expert, tokens stay in order
+    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]  # [E]
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+    return Plan(
+        order=order,
+        tokens=order // K,
+        weights=routing.weights.reshape(-1)[order],
+        counts=counts,
+        offsets=offsets,
+        may_drop=may_drop,
+    )
+
+
+def gather(x: Tensor, p: Plan) -> Tensor:
+    """x [T, D] -> x_sorted [P, D], the input row of every pair in expert order."""
+    return x[p.tokens]
+
+
+def combine(y_sorted: Tensor, p: Plan, num_tokens: int) -> Tensor:
+    """Weighted scatter-add of the experts' rows back to their tokens: y_sorted [P, D] -> y [T, D].
+
+    Rows of dropped pairs hold no expert output (the kernels skip them) and are zeroed, not weighted.
+    """
+    y = y_sorted * p.weights.unsqueeze(-1).to(y_sorted.dtype)  # [P, D]
+    if p.may_drop:
+        valid = torch.arange(y.shape[0], device=y.device) < p.offsets[-1]  # device-side, no sync
+        y = torch.where(valid.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
+    return out.index_add_(0, p.tokens, y)

@@ -1,0 +1,17 @@
+"""Errors a user can act on. Each message names the problem and what to do about it."""
+
+
+class MoeDeployError(Exception):
+    """Base class of every error moedeploy raises on purpose."""
+
+
+class CheckpointError(MoeDeployError):
+    """The checkpoint directory is missing, incomplete, corrupt, or its tensors have the wrong shape."""
+
+
+class UnsupportedModelError(MoeDeployError):
+    """The model is not a Mixture-of-Experts model, or uses a feature moedeploy does not implement."""
+
+
+class OptionError(MoeDeployError, ValueError):
+    """An option has a value moedeploy does not accept."""

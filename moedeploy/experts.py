@@ -1,0 +1,67 @@
+"""Expert weights in one uniform layout, whatever the checkpoint's layout was.
+
+    w_in  [E, N, D]   N = 2*I for gated FFNs (rows: gate then up), N = I otherwise
+    w_out [E, D, I]
+    b_in  [E, N], b_out [E, D]   optional biases (GPT-OSS, NLLB-MoE)
+
+`Activation` maps the first projection's output h [P, N] to [P, I]: act(gate) * up for gated FFNs,
+GPT-OSS's clamped SwiGLU, or a plain act(h).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Activation:
+    fn: nn.Module  # the family's own activation module (transformers' ACT2FN), reused for exactness
+    gated: bool  # h = [gate | up] -> fn(gate) * up
+    clamp: float | None = None  # GPT-OSS: gate <= clamp, |up| <= clamp, then (up + 1) * gate * sigmoid(alpha * gate)
+    alpha: float = 1.702
+
+    def __call__(self, h: Tensor) -> Tensor:
+        if not self.gated:
+            return self.fn(h)
+        gate, up = h.chunk(2, dim=-1)
+        if self.clamp is None:
+            return self.fn(gate) * up
+        gate = gate.clamp(max=self.clamp)
+        up = up.clamp(min=-self.clamp, max=self.clamp)
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+
+class ExpertBank(nn.Module):
+    """All experts of one MoE layer, stacked. Buffers, so `.to()` moves them and nothing trains them."""
+
+    def __init__(self, w_in: Tensor, w_out: Tensor, activation: Activation,
+                 b_in: Tensor | None = None, b_out: Tensor | None = None):
+        super().__init__()
+        E, N, D = w_in.shape
+        if w_out.shape[:2] != (E, D) or N != w_out.shape[2] * (2 if activation.gated else 1):
+            raise ValueError(f"expert shapes do not fit: w_in {tuple(w_in.shape)}, w_out {tuple(w_out.shape)}")
+        self.register_buffer("w_in", w_in)
+        self.register_buffer("w_out", w_out)
+        self.register_buffer("b_in", b_in)
+        self.register_buffer("b_out", b_out)
+        self.activation = activation
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w_in.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w_out.shape[2]
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights and biases."""
+        per = [t[0] for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
+        return sum(t.numel() * t.element_size() for t in per)

@@ -1,0 +1,23 @@
+"""Reference expert FFN: one pair of matrix multiplies per expert that got tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..dispatch import Plan
+from ..experts import ExpertBank
+
+
+def loop_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
+    y = torch.empty(x_sorted.shape[0], bank.hidden_size, dtype=x_sorted.dtype, device=x_sorted.device)  # [P, D]
+    start = 0
+    for e, n in enumerate(p.counts.tolist()):  # host sync: the loop needs each expert's row count
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        h = F.linear(x_sorted[rows], bank.w_in[e], None if bank.b_in is None else bank.b_in[e])  # [n, N]
+        y[rows] = F.linear(bank.activation(h), bank.w_out[e], None if bank.b_out is None else bank.b_out[e])
+        start += n
+    return y

@@ -1,0 +1,112 @@
+"""The MoE layer moedeploy puts in place of every family's sparse MoE block.
+
+    x [T, D] ─► router ─► Routing (ids, weights [T, K])
+                   │
+        dynamic:   plan ─► gather ─► expert kernel (loop | grouped_mm) ─► combine ─┐
+        static:    dispatch/combine one-hot [G, S, E, C] ─► padded expert bmm ─────┤
+                                                                                    ▼
+                                               y [T, D] (+ shared experts, if any)
+
+Shared experts keep the family's own modules and attribute names, so their checkpoint tensors load
+by name. Family-specific calling conventions (NLLB's padding mask, GPT-OSS's tuple output) live in
+the family files under `models/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .dispatch import combine, gather, plan
+from .errors import OptionError
+from .experts import ExpertBank
+from .routing import NllbTop2, Router, SwitchTop1
+from .static_gating import Capacity, static_moe
+
+GATING_MODES = ("dynamic", "static")
+
+
+@dataclass(frozen=True)
+class Gating:
+    mode: str = "dynamic"  # "dynamic": sort by expert, no capacity (exact); "static": capacity buffers (baseline)
+    capacity: Capacity | None = None  # static only; None = the model's own capacity, else room for every token
+    backend: str = "auto"  # expert kernel for dynamic gating: "auto", "loop" or "grouped_mm"
+
+    def __post_init__(self):
+        if self.mode not in GATING_MODES:
+            raise OptionError(f"unknown gating {self.mode!r}; choose one of: {', '.join(GATING_MODES)}")
+        if self.capacity is not None and self.mode != "static":
+            raise OptionError("a capacity applies only to gating='static'; dynamic gating has no capacity")
+
+
+class MoELayer(nn.Module):
+    def __init__(self, router: Router, experts: ExpertBank, gating: Gating,
+                 shared: tuple[str, nn.Module] | None = None, shared_gate: tuple[str, nn.Module] | None = None):
+        super().__init__()
+        if router.num_experts != experts.num_experts:
+            raise ValueError(f"router has {router.num_experts} experts, the expert bank {experts.num_experts}")
+        self.router = router
+        self.experts = experts
+        self.gating = gating
+        self.backend = kernels.select(gating.backend, experts)
+        self._shared = shared[0] if shared else None
+        self._shared_gate = shared_gate[0] if shared_gate else None
+        for named in (shared, shared_gate):
+            if named:
+                self.add_module(*named)
+        # Statistics, accumulated on the device without host syncs.
+        self.register_buffer("expert_counts", torch.zeros(experts.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("dropped_pairs", torch.zeros((), dtype=torch.long), persistent=False)
+        self.routed_pairs = 0
+
+    @property
+    def capacity_per_sequence(self) -> bool:
+        return isinstance(self.router.rule, SwitchTop1)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        shape = hidden_states.shape  # [B, S, D]
+        groups = shape[0] if self.capacity_per_sequence else 1
+        y = self.moe(hidden_states.reshape(-1, shape[-1]), groups)
+        return y.view(shape)
+
+    def moe(self, x: Tensor, groups: int = 1, keep: Tensor | None = None) -> Tensor:
+        """x [T, D] -> y [T, D]. `groups` splits T for per-sequence capacity; `keep` [T] masks padding."""
+        routing = self.router(x, groups=groups, keep=keep)
+        E = self.experts.num_experts
+        self.routed_pairs += routing.ids.numel()
+        if self.gating.mode == "dynamic":
+            p = plan(routing, E, may_drop=isinstance(self.router.rule, (SwitchTop1, NllbTop2)))
+            y_sorted = kernels.BACKENDS[self.backend](gather(x, p), p, self.experts)  # [P, D]
+            y = combine(y_sorted, p, x.shape[0])
+            self.expert_counts += p.counts
+            self.dropped_pairs += (routing.ids == E).sum()
+        else:
+            result = static_moe(x, routing, self.experts, groups, self._static_capacity(x.shape[0] // groups, routing))
+            y = result.y
+            self.expert_counts += torch.bincount(routing.ids.reshape(-1), minlength=E + 1)[:E]
+            self.dropped_pairs += result.dropped + (routing.ids == E).sum()
+        if self._shared is not None:
+            s = getattr(self, self._shared)(x)
+            if self._shared_gate is not None:
+                s = torch.sigmoid(getattr(self, self._shared_gate)(x)) * s
+            y = y + s
+        return y.to(x.dtype)
+
+    def _static_capacity(self, tokens_per_group: int, routing) -> int:
+        K, E = routing.ids.shape[-1], self.experts.num_experts
+        if self.gating.capacity is not None:
+            return self.gating.capacity.slots(tokens_per_group, K, E)
+        rule = self.router.rule
+        if isinstance(rule, SwitchTop1):
+            return rule.capacity
+        if isinstance(rule, NllbTop2):
+            return rule.capacity_for(tokens_per_group)
+        return tokens_per_group  # room for every token: no drops, exact
+
+    def reset_stats(self) -> None:
+        self.expert_counts.zero_()
+        self.dropped_pairs.zero_()
+        self.routed_pairs = 0

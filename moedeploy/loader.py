@@ -1,0 +1,190 @@
+"""Build a transformers model from a local checkpoint with every MoE block replaced by a `MoELayer`.
+
+1. The transformers model is built on the meta device: no memory, no random init.
+2. Each MoE block is replaced by a `MoELayer` whose router and experts are read from the safetensors
+   files by name, one expert at a time, into the uniform expert layout. The block's shared experts
+   keep their transformers modules and names.
+3. Every other tensor is read by name; non-persistent buffers (rotary frequencies, sinusoidal
+   positions) are recomputed by the model's own `_init_weights`; tied weights are tied.
+4. Anything still on the meta device means the checkpoint lacks it: a clear error, no model.
+
+No full copy of the model's expert weights is ever made outside the expert banks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
+
+from .errors import CheckpointError, UnsupportedModelError
+from .experts import ExpertBank
+from .layer import MoELayer
+from .models import Family, family_for, supported_model_types
+from .models.base import router_module
+from .options import LoadOptions
+from .routing import Router
+from .store import Checkpoint
+
+
+def read_config(ckpt: Checkpoint):
+    try:
+        return AutoConfig.from_pretrained(ckpt.root)
+    except (ValueError, KeyError, OSError) as ex:
+        raise UnsupportedModelError(f"{ckpt.root}/config.json cannot be read by transformers: {ex}") from ex
+
+
+def _first_present(ckpt: Checkpoint, prefix: str, names: tuple[str, ...]) -> str | None:
+    return next((f"{prefix}.{n}" for n in names if f"{prefix}.{n}" in ckpt), None)
+
+
+def _disk_prefix(ckpt: Checkpoint, family: Family, path: str) -> str:
+    for prefix in family.disk_prefixes(path):
+        if ckpt.has_prefix(prefix + "."):
+            return prefix
+    raise CheckpointError(f"{ckpt.root}: no tensors for the MoE block {path} (looked under {family.disk_prefixes(path)})")
+
+
+def _read_router(ckpt: Checkpoint, family: Family, config, block: nn.Module, prefix: str, E: int, D: int,
+                 dtype: torch.dtype) -> Router:
+    name = _first_present(ckpt, prefix, family.router_weight_names)
+    if name is None:
+        raise CheckpointError(f"{ckpt.root}: router weight of {prefix} is missing (looked for {family.router_weight_names})")
+    weight = ckpt.read(name, dtype)
+    if tuple(weight.shape) != (E, D):
+        raise CheckpointError(f"router tensor {name} has shape {tuple(weight.shape)}, expected {(E, D)} from config.json")
+    bias_name = _first_present(ckpt, prefix, family.router_bias_names)
+    bias = None if bias_name is None else ckpt.read(bias_name, dtype)
+    correction = None
+    if family.correction_bias_names:
+        cname = _first_present(ckpt, prefix, family.correction_bias_names)
+        if cname is None:
+            raise CheckpointError(f"{ckpt.root}: router correction bias of {prefix} is missing")
+        correction = ckpt.read(cname, torch.float32)  # transformers keeps it in fp32
+    return Router(family.rule(config, block), weight, bias, correction, logits_dtype=family.logits_dtype_for(config))
+
+
+def _read_experts(ckpt: Checkpoint, family: Family, config, block: nn.Module, prefix: str, E: int,
+                  dtype: torch.dtype) -> ExpertBank:
+    layout = next((lay for lay in family.layouts if lay.present(ckpt, prefix)), None)
+    if layout is None:
+        raise CheckpointError(f"{ckpt.root}: no expert tensors found under {prefix} in any known layout")
+    D, I = family.dims(block)
+    activation = family.activation(config, block)
+    N = 2 * I if activation.gated else I
+    w_in, w_out = torch.empty(E, N, D, dtype=dtype), torch.empty(E, D, I, dtype=dtype)
+    b_in = b_out = None
+    for e in range(E):  # one expert at a time: never the whole layer twice in memory
+        t = layout.read(ckpt, prefix, e, D, I)
+        w_in[e], w_out[e] = t.w_in, t.w_out
+        if t.b_in is not None:
+            b_in = torch.empty(E, N, dtype=dtype) if b_in is None else b_in
+            b_in[e] = t.b_in
+        if t.b_out is not None:
+            b_out = torch.empty(E, D, dtype=dtype) if b_out is None else b_out
+            b_out[e] = t.b_out
+    return ExpertBank(w_in, w_out, activation, b_in, b_out)
+
+
+def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module, opts: LoadOptions,
+                dtype: torch.dtype) -> MoELayer:
+    prefix = _disk_prefix(ckpt, family, path)
+    E = block.experts.num_experts
+    D, _ = family.dims(block)
+    router = _read_router(ckpt, family, config, block, prefix, E, D, dtype)
+    experts = _read_experts(ckpt, family, config, block, prefix, E, dtype)
+    shared, shared_gate = family.shared(block)
+    layer = family.layer_class(router, experts, opts.gating, shared, shared_gate)
+    family.configure(layer, config)
+    return layer
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _keep_fp32(model: nn.Module, name: str) -> bool:
+    patterns = set(getattr(model, "_keep_in_fp32_modules", None) or []) | set(
+        getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    parts = name.split(".")
+    return any(p in parts for p in patterns)
+
+
+def _load_remaining(ckpt: Checkpoint, model: nn.Module, family: Family, dtype: torch.dtype) -> None:
+    """Read every tensor still on the meta device by name; recompute non-persistent buffers."""
+    entries = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, tensor in entries:
+        if not tensor.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr in owner._buffers and attr in owner._non_persistent_buffers_set:
+            owner._buffers[attr] = torch.empty_like(tensor, device="cpu")
+            model._init_weights(owner)
+            continue
+        disk = next((n for n in _disk_names(family, name) if n in ckpt), None)
+        if disk is None:
+            continue  # tied weights are not stored; anything else is reported after tying
+        value = ckpt.read(disk)
+        if tuple(value.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"tensor {disk} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+        if value.is_floating_point() and not _keep_fp32(model, name):
+            value = value.to(dtype)
+        _set_tensor(model, name, value)
+    model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{ckpt.root}: the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+
+
+def _disk_names(family: Family, name: str) -> list[str]:
+    """The in-model name, and the same name with its MoE-block segment spelled as on disk."""
+    head, _, rest = name.partition(".mlp.")
+    if not rest:
+        return [name]
+    return [name] + [f"{p}.{rest}" for p in family.disk_prefixes(head + ".mlp")]
+
+
+def _resolve_dtype(config, requested: torch.dtype | None) -> torch.dtype:
+    if requested is not None:
+        return requested
+    saved = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(saved, str):
+        saved = getattr(torch, saved, None)
+    return saved if isinstance(saved, torch.dtype) and saved.is_floating_point else torch.float32
+
+
+def build_model(ckpt: Checkpoint, opts: LoadOptions):
+    """The checkpoint as a transformers model with moedeploy's MoE layers, and the family adapter used."""
+    config = read_config(ckpt)
+    family = family_for(config)
+    dtype = _resolve_dtype(config, opts.dtype)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=dtype)
+    except ValueError as ex:
+        raise UnsupportedModelError(
+            f"{ckpt.root}: transformers has no generation model for model_type {config.model_type!r} ({ex})"
+        ) from ex
+    blocks = family.blocks(model)
+    if not blocks:
+        raise UnsupportedModelError(
+            f"{ckpt.root}: {config.model_type!r} has no Mixture-of-Experts blocks; moedeploy runs MoE models "
+            f"only (known families: {', '.join(supported_model_types())})"
+        )
+    for path, block in tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer", disable=None, leave=False):
+        if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
+            raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
+        model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype))
+    _load_remaining(ckpt, model, family, dtype)
+    if (ckpt.root / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
+    return model.to(opts.device).eval(), family
