@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny checkpoints of every family, and transformers reference models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+import transformers as T
+
+from moedeploy.tiny import save_tiny
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(family, **config_overrides) -> checkpoint directory (built once per distinct request)."""
+    made = {}
+
+    def make(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in made:
+            out = tmp_path_factory.mktemp(family)
+            made[key] = save_tiny(family, out, **overrides)
+        return made[key]
+
+    return make
+
+
+def _nllb_experts_forward(self, hidden_states, router_mask, router_probs):
+    """fairseq's semantics: each expert computes the tokens routed to it (transformers 5 runs
+    expert_0/expert_1 instead, see moedeploy/models/seq2seq.py)."""
+    out = torch.zeros_like(hidden_states)
+    for e in range(self.num_experts):
+        rows = torch.nonzero(router_probs[:, e]).squeeze(-1)
+        if rows.numel():
+            h = self[f"expert_{e}"](hidden_states[rows]) * router_probs[rows, e, None]
+            out.index_add_(0, rows, h * (1 - self.moe_token_dropout))
+    return out
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    """reference(path) -> the transformers model, float32, eager experts, in eval mode."""
+    from transformers.models.nllb_moe import modeling_nllb_moe
+
+    monkeypatch.setattr(modeling_nllb_moe.NllbMoeExperts, "forward", _nllb_experts_forward)
+
+    def load(path):
+        config = T.AutoConfig.from_pretrained(path)
+        if config.is_encoder_decoder:
+            return T.AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32).eval()
+        return T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, experts_implementation="eager").eval()
+
+    return load
