@@ -1,0 +1,141 @@
+"""The command line: `moedeploy generate | bench layer | make-tiny`.
+
+Environment variables are read here and nowhere else. With --json a command prints exactly one JSON
+object on stdout; progress and warnings go to stderr. A moedeploy error prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import MoeDeployError
+
+
+class _Clock:
+    """A transformers streamer that timestamps the prompt and every generated token."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--gating", default="dynamic", help="dynamic (exact, default) or static (capacity baseline)")
+    p.add_argument("--capacity-factor", type=float, help="static gating: C = ceil(f * k * S / E)")
+    p.add_argument("--capacity-fraction", type=float, help="static gating: C = ceil(fraction * S)")
+    p.add_argument("--backend", default="auto", help="expert kernel: auto, loop or grouped_mm")
+
+
+def _load_options(args) -> dict:
+    return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
+                capacity_fraction=args.capacity_fraction, backend=args.backend)
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .api import load
+
+    if args.max_new_tokens < 1:
+        raise MoeDeployError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    start = time.perf_counter()
+    model = load(args.model, **_load_options(args))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError) as ex:
+        raise MoeDeployError(f"{args.model} has no usable tokenizer ({ex}); save one with the checkpoint") from ex
+    loaded = time.perf_counter()
+    prompt = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    clock = _Clock()
+    with torch.inference_mode():
+        out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock,
+                             pad_token_id=tokenizer.pad_token_id)
+    done = time.perf_counter()
+    new = out[0] if model.config.is_encoder_decoder else out[0, prompt["input_ids"].shape[-1]:]
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    first = clock.times[1] if len(clock.times) > 1 else done  # times[0] is the prompt
+    decode_tokens = max(len(new) - 1, 0)
+    stats = {
+        "prompt_tokens": int(prompt["input_ids"].shape[-1]),
+        "new_tokens": int(len(new)),
+        "load_s": round(loaded - start, 4),
+        "time_to_first_token_s": round(first - loaded, 4),
+        "decode_tokens_per_s": round(decode_tokens / (done - first), 2) if decode_tokens and done > first else None,
+        "total_s": round(done - loaded, 4),
+        "device": str(model.device),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "family": model.moedeploy.family,
+        "moe": model.moedeploy.stats(),
+    }
+    if args.json:
+        print(json.dumps({"text": text, "tokens": new.tolist(), "stats": stats}))
+    else:
+        print(text)
+        print(f"\n[{stats['new_tokens']} tokens; first after {stats['time_to_first_token_s']} s; "
+              f"decode {stats['decode_tokens_per_s']} tok/s; {model.moedeploy.family}, "
+              f"{stats['moe']['moe_layers']} MoE layers, {stats['moe']['gating']} gating]", file=sys.stderr)
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import FAMILIES, save_tiny
+
+    if args.family not in FAMILIES:
+        raise MoeDeployError(f"unknown family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
+    path = save_tiny(args.family, args.out, seed=args.seed)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import layer as bench_layer
+
+    parser = argparse.ArgumentParser(prog="moedeploy", description="Run Mixture-of-Experts models cheaply and fast.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="greedy generation from a local checkpoint")
+    g.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    _add_load_options(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    bl = bsub.add_parser("layer", help="one MoE layer: dynamic vs static gating vs transformers' experts")
+    bench_layer.add_arguments(bl)
+    bl.set_defaults(func=bench_layer.run)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for trying things out)")
+    t.add_argument("--family", default="mixtral")
+    t.add_argument("--out", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MoeDeployError as ex:
+        print(f"moedeploy: error: {ex}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moedeploy.cli import main
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "moedeploy.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_generate_json_prints_exactly_one_object(tiny):
+    proc = run_cli("generate", "--model", str(tiny("qwen3_moe")), "--prompt", "Dynamic gating sorts tokens",
+                   "--max-new-tokens", "12", "--json")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    out = json.loads(lines[0])
+    assert isinstance(out["text"], str) and len(out["tokens"]) == out["stats"]["new_tokens"] > 0
+    assert out["stats"]["moe"]["moe_layers"] == 2 and out["stats"]["family"] == "qwen_moe"
+
+
+@pytest.mark.parametrize("family", ["switch_transformers", "mixtral"])
+def test_generate_text_in_process(tiny, capsys, family):
+    assert main(["generate", "--model", str(tiny(family)), "--prompt", "experts", "--max-new-tokens", "5",
+                 "--gating", "static"]) == 0
+    captured = capsys.readouterr()
+    assert "static gating" in captured.err
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path):
+    proc = run_cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "x")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("moedeploy: error:") and "is not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_option_value_is_reported(tiny, capsys):
+    assert main(["generate", "--model", str(tiny("mixtral")), "--prompt", "x", "--gating", "fast"]) == 2
+    assert "unknown gating 'fast'" in capsys.readouterr().err
+
+
+def test_checkpoint_without_tokenizer(tiny, tmp_path, capsys):
+    import shutil
+
+    dst = tmp_path / "no-tok"
+    shutil.copytree(tiny("mixtral"), dst)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (dst / name).unlink(missing_ok=True)
+    assert main(["generate", "--model", str(dst), "--prompt", "x"]) == 2
+    assert "no usable tokenizer" in capsys.readouterr().err
+
+
+def test_make_tiny_writes_a_loadable_checkpoint(tmp_path, capsys):
+    import moedeploy
+
+    assert main(["make-tiny", "--family", "olmoe", "--out", str(tmp_path / "t")]) == 0
+    assert moedeploy.load(tmp_path / "t").moedeploy.family == "qwen_moe"
+    assert main(["make-tiny", "--family", "llama", "--out", str(tmp_path / "u")]) == 2

@@ -1,0 +1,148 @@
+"""Bad input gets a clear moedeploy error naming the problem, never a stack trace from deep inside."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import transformers as T
+from safetensors.torch import load_file, save_file
+
+import moedeploy
+from moedeploy import CheckpointError, OptionError, UnsupportedModelError
+
+
+@pytest.fixture
+def copy_of(tiny, tmp_path):
+    """A writable copy of a tiny checkpoint, to damage."""
+
+    def make(family="mixtral"):
+        dst = tmp_path / f"{family}-copy"
+        shutil.copytree(tiny(family), dst)
+        return dst
+
+    return make
+
+
+def rewrite(path, edit):
+    file = path / "model.safetensors"
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        moedeploy.load(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        moedeploy.load(tmp_path)
+
+
+def test_directory_without_safetensors(copy_of):
+    path = copy_of()
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
+        moedeploy.load(path)
+
+
+def test_unreadable_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "no-such-model"}')
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="config.json cannot be read"):
+        moedeploy.load(tmp_path)
+
+
+def test_dense_model_is_not_moe(tmp_path):
+    config = T.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="has no Mixture-of-Experts blocks"):
+        moedeploy.load(tmp_path)
+
+
+def test_missing_expert_tensor_is_named(copy_of):
+    path = copy_of()
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    rewrite(path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
+        moedeploy.load(path)
+
+
+def test_wrongly_shaped_expert_tensor(copy_of):
+    path = copy_of("qwen3_moe")
+    name = "model.layers.0.mlp.experts.2.up_proj.weight"
+    rewrite(path, lambda t: t.__setitem__(name, torch.zeros(5, 32)))
+    with pytest.raises(CheckpointError, match=r"has shape \(5, 32\), expected \(24, 32\)"):
+        moedeploy.load(path)
+
+
+def test_wrongly_shaped_fused_expert_tensor(copy_of):
+    path = copy_of("gpt_oss")
+    name = "model.layers.0.mlp.experts.down_proj"
+    rewrite(path, lambda t: t.__setitem__(name, torch.zeros(6, 24, 31)))
+    with pytest.raises(CheckpointError, match="experts.down_proj has shape"):
+        moedeploy.load(path)
+
+
+def test_wrongly_shaped_router(copy_of):
+    path = copy_of()
+    name = "model.layers.0.block_sparse_moe.gate.weight"
+    rewrite(path, lambda t: t.__setitem__(name, torch.zeros(5, 32)))
+    with pytest.raises(CheckpointError, match="router tensor .* has shape"):
+        moedeploy.load(path)
+
+
+def test_missing_attention_tensor(copy_of):
+    path = copy_of()
+    rewrite(path, lambda t: t.pop("model.layers.0.self_attn.q_proj.weight"))
+    with pytest.raises(CheckpointError, match="lacks 1 tensors .*q_proj"):
+        moedeploy.load(path)
+
+
+def test_truncated_safetensors(copy_of):
+    path = copy_of()
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        moedeploy.load(path)
+
+
+def test_index_naming_a_missing_shard(copy_of):
+    path = copy_of()
+    (path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}')
+    with pytest.raises(CheckpointError, match="incomplete"):
+        moedeploy.load(path)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(gating="fast"), "unknown gating 'fast'"),
+    (dict(dtype="int3"), "unknown dtype 'int3'"),
+    (dict(backend="triton9"), "unknown expert backend 'triton9'"),
+    (dict(gating="static", capacity_factor=-1.0), "capacity must be positive"),
+    (dict(gating="static", capacity_factor=1.0, capacity_fraction=0.5), "exactly one of"),
+    (dict(capacity_factor=1.25), "applies only to gating='static'"),
+    (dict(device="tpu"), "unknown device 'tpu'"),
+])
+def test_unknown_option_values(tiny, options, message):
+    with pytest.raises(OptionError, match=message):
+        moedeploy.load(tiny("mixtral"), **options)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_without_a_gpu(tiny):
+    with pytest.raises(OptionError, match="no CUDA device"):
+        moedeploy.load(tiny("mixtral"), device="cuda")
+
+
+def test_grouped_mm_on_unaligned_sizes(tiny):
+    path = tiny("mixtral", hidden_size=36, num_attention_heads=4, num_key_value_heads=2, intermediate_size=22)
+    with pytest.raises(OptionError, match="multiples of 16 bytes"):
+        moedeploy.load(path, backend="grouped_mm")
+    model = moedeploy.load(path)  # auto picks the loop
+    assert model.moedeploy.stats()["backend"] == ["loop"]
