@@ -23,6 +23,7 @@ from .experts import ExpertBank
 from .layer import MoELayer
 from .models import Family, family_for, supported_model_types
 from .models.base import router_module
+from .models.verify import verify_block
 from .options import LoadOptions
 from .routing import Router
 from .store import Checkpoint
@@ -185,6 +186,9 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
         model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype))
     _load_remaining(ckpt, model, family, dtype)
+    if not family.model_types:  # no adapter: the generic guess must reproduce transformers' block
+        path, block = blocks[0]
+        verify_block(block, model.get_submodule(path), config.model_type, path)
     if (ckpt.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
     return model.to(opts.device).eval(), family

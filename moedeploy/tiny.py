@@ -23,32 +23,37 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_atten
                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _configs() -> dict[str, T.PretrainedConfig]:
+def _configs() -> dict[str, callable]:
+    """family -> a function building its tiny config (lazily: some configs warn when built)."""
     d = _DECODER
     mla = dict(d, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
     seq2seq_ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0)
     return {
-        "mixtral": T.MixtralConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
-        "qwen2_moe": T.Qwen2MoeConfig(**d, intermediate_size=40, moe_intermediate_size=24, num_experts=6,
+        "mixtral": lambda: T.MixtralConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**d, intermediate_size=40, moe_intermediate_size=24, num_experts=6,
                                       shared_expert_intermediate_size=20, num_experts_per_tok=2, norm_topk_prob=False),
-        "qwen3_moe": T.Qwen3MoeConfig(**d, intermediate_size=40, moe_intermediate_size=24, num_experts=8,
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**d, intermediate_size=40, moe_intermediate_size=24, num_experts=8,
                                       num_experts_per_tok=3, head_dim=8, norm_topk_prob=True),
-        "olmoe": T.OlmoeConfig(**d, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
-        "deepseek_v2": T.DeepseekV2Config(**mla, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+        "olmoe": lambda: T.OlmoeConfig(**d, intermediate_size=24, num_experts=8, num_experts_per_tok=2),
+        "deepseek_v2": lambda: T.DeepseekV2Config(**mla, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
                                           num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2,
                                           topk_method="group_limited_greedy", routed_scaling_factor=1.5,
                                           first_k_dense_replace=1, q_lora_rank=None),
-        "deepseek_v3": T.DeepseekV3Config(**mla, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
+        "deepseek_v3": lambda: T.DeepseekV3Config(**mla, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=8,
                                           num_experts_per_tok=3, n_shared_experts=1, n_group=4, topk_group=2,
                                           routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=24),
-        "gpt_oss": T.GptOssConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
+        "gpt_oss": lambda: T.GptOssConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2, head_dim=8,
                                   sliding_window=16, layer_types=["sliding_attention", "full_attention"]),
-        "phimoe": T.PhimoeConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
-        "granitemoe": T.GraniteMoeConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
-        "switch_transformers": T.SwitchTransformersConfig(
+        "phimoe": lambda: T.PhimoeConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        "granitemoe": lambda: T.GraniteMoeConfig(**d, intermediate_size=24, num_local_experts=6, num_experts_per_tok=2),
+        "glm4_moe": lambda: T.Glm4MoeConfig(**dict(d, num_key_value_heads=4), intermediate_size=40,
+                                            moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+                                            n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0),
+        "flex_olmo": lambda: T.FlexOlmoConfig(**d, intermediate_size=24, num_experts=6, num_experts_per_tok=2),
+        "switch_transformers": lambda: T.SwitchTransformersConfig(
             **seq2seq_ids, d_model=32, d_kv=8, d_ff=40, num_layers=2, num_decoder_layers=2, num_heads=4, num_experts=4,
             expert_capacity=4, encoder_sparse_step=1, decoder_sparse_step=1),
-        "nllb_moe": T.NllbMoeConfig(
+        "nllb_moe": lambda: T.NllbMoeConfig(
             **seq2seq_ids, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
             decoder_attention_heads=4, encoder_ffn_dim=40, decoder_ffn_dim=40, num_experts=4, encoder_sparse_step=1,
             decoder_sparse_step=1, max_position_embeddings=256),
@@ -62,7 +67,7 @@ def tiny_config(family: str, **overrides) -> T.PretrainedConfig:
     configs = _configs()
     if family not in configs:
         raise ValueError(f"no tiny config for {family!r}; choose one of: {', '.join(configs)}")
-    config = configs[family]
+    config = configs[family]()
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
@@ -80,13 +85,17 @@ def tiny_tokenizer() -> T.PreTrainedTokenizerFast:
     return T.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def save_tiny(family: str, out_dir: str | Path, seed: int = 0, **overrides) -> Path:
-    """Write a tiny random `family` checkpoint (config, safetensors, tokenizer) to `out_dir`."""
+def save_tiny(family: str, out_dir: str | Path, seed: int = 0, fused: bool = False, **overrides) -> Path:
+    """Write a tiny random `family` checkpoint (config, safetensors, tokenizer) to `out_dir`.
+
+    By default tensors get the family's original on-disk names (per-expert for most); `fused=True`
+    saves transformers 5's in-memory names instead (all experts in one tensor per projection).
+    """
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
     auto = T.AutoModelForSeq2SeqLM if config.is_encoder_decoder else T.AutoModelForCausalLM
     model = auto.from_config(config, dtype=torch.float32)
     out = Path(out_dir)
-    model.save_pretrained(out)
+    model.save_pretrained(out, save_original_format=not fused)
     tiny_tokenizer().save_pretrained(out)
     return out

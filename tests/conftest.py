@@ -19,11 +19,11 @@ def tiny(tmp_path_factory):
     """tiny(family, **config_overrides) -> checkpoint directory (built once per distinct request)."""
     made = {}
 
-    def make(family: str, **overrides):
-        key = (family, tuple(sorted(overrides.items())))
+    def make(family: str, fused: bool = False, **overrides):
+        key = (family, fused, tuple(sorted(overrides.items())))
         if key not in made:
             out = tmp_path_factory.mktemp(family)
-            made[key] = save_tiny(family, out, **overrides)
+            made[key] = save_tiny(family, out, fused=fused, **overrides)
         return made[key]
 
     return make

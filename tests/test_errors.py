@@ -146,3 +146,22 @@ def test_grouped_mm_on_unaligned_sizes(tiny):
         moedeploy.load(path, backend="grouped_mm")
     model = moedeploy.load(path)  # auto picks the loop
     assert model.moedeploy.stats()["backend"] == ["loop"]
+
+
+def test_family_without_adapter_is_refused_when_its_tensors_are_unknown(tmp_path):
+    config = T.Ernie4_5_MoeConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=40, moe_intermediate_size=24,
+                                  moe_num_experts=6, moe_k=2, moe_layer_start_index=0, pad_token_id=0)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedModelError, match="moe_statics.e_score_correction_bias.*needs an adapter"):
+        moedeploy.load(tmp_path)
+
+
+def test_family_without_adapter_is_refused_when_the_guess_differs(tiny, monkeypatch):
+    """The generic guess is checked against transformers' block: a wrong rule must not pass."""
+    from moedeploy.models.base import Family
+    from moedeploy.routing import SoftmaxTopK
+
+    monkeypatch.setattr(Family, "rule", lambda self, config, block: SoftmaxTopK(top_k=2, renormalize=True))
+    with pytest.raises(UnsupportedModelError, match="does not reproduce FlexOlmo"):
+        moedeploy.load(tiny("flex_olmo"))

@@ -108,3 +108,18 @@ def test_bfloat16_runs_close_to_float32(tiny):
         full = moedeploy.load(path, dtype="float32")(ids).logits
         half = moedeploy.load(path, dtype="bfloat16")(ids).logits.float()
     assert rel_err(half, full) < 0.05
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "phimoe", "granitemoe", "deepseek_v3"])
+def test_fused_in_memory_names_on_disk(tiny, reference, family):
+    """Checkpoints saved with transformers 5's fused names load as well as the per-expert originals."""
+    from safetensors import safe_open
+
+    path = tiny(family, fused=True)
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any(n.endswith("experts.gate_up_proj") for n in names)
+    assert not any(".experts.0." in n for n in names)
+    ids, dec = inputs(seed=7)
+    ours = moedeploy.load(path, dtype="float32")
+    assert rel_err(logits(ours, family, ids, dec), logits(reference(path), family, ids, dec)) < 1e-5

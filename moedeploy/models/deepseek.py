@@ -31,8 +31,10 @@ class DeepseekV2(Family):
 
 
 class DeepseekV3(Family):
+    """Also GLM-4-MoE, whose router is DeepSeek-V3's."""
+
     name = "deepseek_v3"
-    model_types = ("deepseek_v3",)
+    model_types = ("deepseek_v3", "glm4_moe")
     logits_dtype = torch.float32
     correction_bias_names = ("gate.e_score_correction_bias",)
 
