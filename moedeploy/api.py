@@ -17,6 +17,7 @@ from .store import Checkpoint
 class Runtime:
     """What moedeploy did to a model; reachable as `model.moedeploy`."""
 
+    path: Path
     family: str
     options: LoadOptions
     layers: dict[str, MoELayer]
@@ -39,10 +40,14 @@ class Runtime:
             layer.reset_stats()
 
 
-def load(path: str | Path, *, device="cpu", dtype="auto", gating: str = "dynamic", capacity_factor: float | None = None,
+DEMO_MODEL = Path(__file__).parent / "data" / "demo"
+
+
+def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic", capacity_factor: float | None = None,
          capacity_fraction: float | None = None, backend: str = "auto") -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
+    path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
     Returns the transformers model (`model(input_ids)`, `model.generate(...)` work as usual), with
     `model.moedeploy` describing the runtime.
 
@@ -54,7 +59,8 @@ def load(path: str | Path, *, device="cpu", dtype="auto", gating: str = "dynamic
     """
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
+    path = DEMO_MODEL if path is None else Path(path)
     model, family = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-    model.moedeploy = Runtime(family=family.name, options=opts, layers=layers)
+    model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers)
     return model

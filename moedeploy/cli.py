@@ -53,9 +53,9 @@ def cmd_generate(args) -> int:
     start = time.perf_counter()
     model = load(args.model, **_load_options(args))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     except (OSError, ValueError) as ex:
-        raise MoeDeployError(f"{args.model} has no usable tokenizer ({ex}); save one with the checkpoint") from ex
+        raise MoeDeployError(f"{model.moedeploy.path} has no usable tokenizer ({ex}); save one with the checkpoint") from ex
     loaded = time.perf_counter()
     prompt = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     clock = _Clock()
@@ -89,6 +89,52 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval_ppl(args) -> int:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .api import load
+    from .evaluate import ExpertLoad, perplexity
+
+    text_file = Path(args.text)
+    if not text_file.is_file():
+        raise MoeDeployError(f"--text {text_file} is not a file")
+    text = text_file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise MoeDeployError(f"--text {text_file} is empty")
+    model = load(args.model, **_load_options(args))
+    tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
+    model.moedeploy.reset_stats()
+    start = time.perf_counter()
+    result = perplexity(model, tokenizer, text, context=args.context)
+    load_per_layer = {name: ExpertLoad.of(layer.expert_counts).__dict__ for name, layer in model.moedeploy.layers.items()}
+    out = {"model": str(model.moedeploy.path), "text": str(text_file), **result.as_dict(),
+           "seconds": round(time.perf_counter() - start, 2), "expert_load": load_per_layer}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {result.perplexity:.2f}, {result.bits_per_byte:.3f} bits per byte "
+              f"over {result.tokens:,} tokens ({result.bytes:,} bytes) of {text_file.name}")
+        for name, load_ in load_per_layer.items():
+            print(f"  {name}: top-quarter share {load_['top_quarter_share']:.3f}, "
+                  f"normalized entropy {load_['normalized_entropy']:.3f}")
+    return 0
+
+
+def cmd_train_demo(args) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .demo.data import load_corpus
+    from .demo.train import TrainConfig, train
+
+    cfg = replace(TrainConfig(), steps=args.steps, threads=args.threads, seed=args.seed)
+    report = train(Path(args.out), load_corpus(Path(args.cache)), cfg, log=lambda line: print(line, file=sys.stderr))
+    print(json.dumps({k: v for k, v in report.items() if k != "history"}))
+    return 0
+
+
 def cmd_make_tiny(args) -> int:
     from .tiny import FAMILIES, save_tiny
 
@@ -106,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="greedy generation from a local checkpoint")
-    g.add_argument("--model", required=True, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
+    g.add_argument("--model", default=None, help="checkpoint directory (config.json, *.safetensors, tokenizer); "
+                   "default: the embedded demo model")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
@@ -118,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("layer", help="one MoE layer: dynamic vs static gating vs transformers' experts")
     bench_layer.add_arguments(bl)
     bl.set_defaults(func=bench_layer.run)
+
+    e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
+    e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
+    e.add_argument("--text", required=True, help="a UTF-8 text file")
+    e.add_argument("--context", type=int, default=256, help="tokens per scored window (default 256)")
+    e.add_argument("--json", action="store_true")
+    _add_load_options(e)
+    e.set_defaults(func=cmd_eval_ppl)
+
+    tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 45 minutes on 2 cores)")
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--cache", default=os.path.expanduser("~/.cache/moedeploy"), help="where the text is downloaded")
+    tr.add_argument("--steps", type=int, default=2000)
+    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=cmd_train_demo)
 
     t = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (for trying things out)")
     t.add_argument("--family", default="mixtral")

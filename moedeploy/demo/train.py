@@ -1,0 +1,146 @@
+"""Train the demo model from scratch: a byte-level BPE tokenizer, then a small Qwen3-MoE LM.
+
+Reproducible: fixed seeds, a fixed number of steps, and the data fetched by `data.py`. The router's
+auxiliary load-balancing loss is kept modest by a feedback rule, because real routers are skewed and
+the product must be shown on skewed routing: every `skew_every` steps the share of routed tokens that
+the most popular quarter of experts takes (averaged over layers, on the current batch) is measured,
+and the loss coefficient is multiplied by 1.25 above the target band or divided by 1.25 below it.
+The result is written as a normal checkpoint (bf16 safetensors, tokenizer, config) plus
+`training.json` (settings, losses, skew and coefficient over time, wall time).
+
+This module does not evaluate the model: `moedeploy.evaluate` does, for this and any other model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from .data import Corpus
+
+EOS = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 192
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    experts: int = 32
+    top_k: int = 4
+    moe_intermediate: int = 128
+    context: int = 256
+    batch: int = 16  # sequences per step
+    steps: int = 2000
+    lr: float = 3e-3
+    warmup: int = 100
+    weight_decay: float = 0.1
+    aux_coef: float = 0.01  # starting coefficient of the load-balancing loss
+    skew_band: tuple[float, float] = (0.48, 0.58)  # target top-quarter share of routed tokens
+    skew_every: int = 25
+    seed: int = 0
+    threads: int = 2
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> T.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+def model_config(cfg: TrainConfig, eos_id: int) -> T.Qwen3MoeConfig:
+    return T.Qwen3MoeConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.hidden_size // cfg.heads,
+        intermediate_size=4 * cfg.hidden_size, moe_intermediate_size=cfg.moe_intermediate, num_experts=cfg.experts,
+        num_experts_per_tok=cfg.top_k, norm_topk_prob=True, decoder_sparse_step=1, max_position_embeddings=1024,
+        tie_word_embeddings=False, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        router_aux_loss_coef=0.0,  # added by hand below, with a coefficient that adapts
+    )
+
+
+def top_quarter_share(router_logits: tuple[torch.Tensor, ...], top_k: int) -> list[float]:
+    """Per layer: the share of routed (token, expert) pairs taken by the most popular quarter of experts."""
+    shares = []
+    for logits in router_logits:  # [T, E]
+        E = logits.shape[-1]
+        counts = torch.bincount(logits.topk(top_k, dim=-1).indices.reshape(-1), minlength=E).float()
+        shares.append((counts.sort(descending=True).values[: E // 4].sum() / counts.sum()).item())
+    return shares
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print) -> dict:
+    """Train on `corpus.train` and save the checkpoint to `out`; returns the training report."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    tokenizer = train_tokenizer(list(corpus.train.values()), cfg.vocab_size)
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    stream = []
+    for text in corpus.train.values():
+        stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    data = torch.tensor(stream, dtype=torch.long)
+    log(f"training text: {len(corpus.train)} files, {sum(map(len, corpus.train.values())):,} chars, {data.numel():,} tokens")
+
+    config = model_config(cfg, eos)
+    model = T.Qwen3MoeForCausalLM(config).float().train()
+    model.config._experts_implementation = "grouped_mm"
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    coef, history, start = cfg.aux_coef, [], time.perf_counter()
+    for step in range(cfg.steps):
+        starts = torch.randint(0, data.numel() - cfg.context, (cfg.batch,), generator=gen)
+        batch = torch.stack([data[s : s + cfg.context] for s in starts.tolist()])  # [B, C]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        outputs = model(input_ids=batch, labels=batch, output_router_logits=True)  # transformers shifts the labels
+        loss = outputs.loss + coef * outputs.aux_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % cfg.skew_every == 0 or step == cfg.steps - 1:
+            shares = top_quarter_share(outputs.router_logits, cfg.top_k)
+            mean = sum(shares) / len(shares)
+            if mean > cfg.skew_band[1]:
+                coef = min(coef * 1.25, 1.0)
+            elif mean < cfg.skew_band[0]:
+                coef = max(coef / 1.25, 1e-4)
+            row = dict(step=step, loss=round(outputs.loss.item(), 4), aux=round(outputs.aux_loss.item(), 4),
+                       coef=round(coef, 5), top_quarter=[round(s, 3) for s in shares],
+                       minutes=round((time.perf_counter() - start) / 60, 2))
+            history.append(row)
+            log(json.dumps(row))
+    minutes = (time.perf_counter() - start) / 60
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.router_aux_loss_coef = coef
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    report = dict(config=asdict(cfg), train_minutes=round(minutes, 1), final_aux_coef=coef, history=history,
+                  params=sum(p.numel() for p in model.parameters()), data_tokens=data.numel(),
+                  heldout=list(corpus.heldout), other=list(corpus.other))
+    (out / "training.json").write_text(json.dumps(report, indent=1))
+    return report

@@ -1,0 +1,63 @@
+"""Perplexity and bits per byte of a causal LM on a text, in non-overlapping windows.
+
+bits per byte = total negative log-likelihood (nats) / ln 2 / UTF-8 bytes of the text, so models with
+different tokenizers compare. Each window of `context` tokens is scored given only itself (the
+first token of a window is predicted from nothing before it and is not scored), which is
+conservative and fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    tokens: int  # scored tokens
+    bytes: int  # UTF-8 bytes of the text
+    nll_nats: float  # total negative log-likelihood
+    perplexity: float  # exp(nll / tokens)
+    bits_per_byte: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """How unevenly one MoE layer's routed (token, expert) pairs spread over its experts."""
+
+    top_quarter_share: float  # share of pairs taken by the most popular 25% of experts (uniform: 0.25)
+    entropy_bits: float  # entropy of the load distribution
+    normalized_entropy: float  # entropy / log2(E): 1.0 is perfectly even
+
+    @classmethod
+    def of(cls, counts: torch.Tensor) -> "ExpertLoad":
+        counts = counts.double()
+        E = counts.numel()
+        p = counts / counts.sum().clamp(min=1)
+        entropy = -(p[p > 0] * p[p > 0].log2()).sum().item()
+        top = counts.sort(descending=True).values[: max(E // 4, 1)].sum() / counts.sum().clamp(min=1)
+        return cls(round(top.item(), 4), round(entropy, 4), round(entropy / math.log2(E), 4) if E > 1 else 1.0)
+
+
+@torch.inference_mode()
+def perplexity(model, tokenizer, text: str, context: int = 256, batch: int = 8) -> Perplexity:
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = (ids.numel() // context) * context
+    windows = ids[:n].view(-1, context)  # [W, C]; the ragged tail is scored as one shorter window
+    chunks = [c for c in windows.split(batch) if len(c)] + ([ids[n:].unsqueeze(0)] if ids.numel() - n > 1 else [])
+    nll, scored = 0.0, 0
+    device = next(model.parameters()).device
+    for chunk in chunks:
+        chunk = chunk.to(device)
+        logits = model(input_ids=chunk).logits[:, :-1].float()  # [B, C-1, V]
+        nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum").item()
+        scored += chunk[:, 1:].numel()
+    nbytes = len(text.encode("utf-8"))
+    return Perplexity(tokens=scored, bytes=nbytes, nll_nats=nll, perplexity=math.exp(nll / max(scored, 1)),
+                      bits_per_byte=nll / math.log(2) / max(nbytes, 1))
