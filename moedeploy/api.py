@@ -35,6 +35,20 @@ class Runtime:
             "dropped_fraction": dropped / routed if routed else 0.0,
         }
 
+    def parameters(self, model: nn.Module) -> dict:
+        """Parameter counts: total, expert (routed experts only), and active per token (all but the
+        routed experts a token does not use: E - K of E per layer)."""
+        dense = sum(p.numel() for p in model.parameters())  # routed experts are buffers, not here
+        expert = active_expert = 0
+        for layer in self.layers.values():
+            bank = layer.experts
+            n = sum(t.numel() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out) if t is not None)
+            expert += n
+            active_expert += n * layer.router.top_k / bank.num_experts
+        total = dense + expert
+        return {"total": total, "routed_expert": expert, "expert_share": round(expert / total, 4),
+                "active_per_token": int(dense + active_expert)}
+
     def reset_stats(self) -> None:
         for layer in self.layers.values():
             layer.reset_stats()

@@ -52,6 +52,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.gating = gating
         self.backend = kernels.select(gating.backend, experts)
+        self.may_drop = isinstance(router.rule, (SwitchTop1, NllbTop2))  # capacity routers drop pairs
         self._shared = shared[0] if shared else None
         self._shared_gate = shared_gate[0] if shared_gate else None
         for named in (shared, shared_gate):
@@ -78,11 +79,12 @@ class MoELayer(nn.Module):
         E = self.experts.num_experts
         self.routed_pairs += routing.ids.numel()
         if self.gating.mode == "dynamic":
-            p = plan(routing, E, may_drop=isinstance(self.router.rule, (SwitchTop1, NllbTop2)))
+            p = plan(routing, E, may_drop=self.may_drop)
             y_sorted = kernels.BACKENDS[self.backend](gather(x, p), p, self.experts)  # [P, D]
             y = combine(y_sorted, p, x.shape[0])
             self.expert_counts += p.counts
-            self.dropped_pairs += (routing.ids == E).sum()
+            if self.may_drop:
+                self.dropped_pairs += (routing.ids == E).sum()
         else:
             result = static_moe(x, routing, self.experts, groups, self._static_capacity(x.shape[0] // groups, routing))
             y = result.y

@@ -117,7 +117,7 @@ def _keep_fp32(model: nn.Module, name: str) -> bool:
     return any(p in parts for p in patterns)
 
 
-def _load_remaining(ckpt: Checkpoint, model: nn.Module, family: Family, dtype: torch.dtype) -> None:
+def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> None:
     """Read every tensor still on the meta device by name; recompute non-persistent buffers."""
     entries = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in entries:
@@ -129,12 +129,11 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, family: Family, dtype: t
             owner._buffers[attr] = torch.empty_like(tensor, device="cpu")
             model._init_weights(owner)
             continue
-        disk = next((n for n in _disk_names(family, name) if n in ckpt), None)
-        if disk is None:
+        if name not in ckpt:
             continue  # tied weights are not stored; anything else is reported after tying
-        value = ckpt.read(disk)
+        value = ckpt.read(name)
         if tuple(value.shape) != tuple(tensor.shape):
-            raise CheckpointError(f"tensor {disk} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
+            raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         if value.is_floating_point() and not _keep_fp32(model, name):
             value = value.to(dtype)
         _set_tensor(model, name, value)
@@ -143,14 +142,6 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, family: Family, dtype: t
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt.root}: the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
-
-
-def _disk_names(family: Family, name: str) -> list[str]:
-    """The in-model name, and the same name with its MoE-block segment spelled as on disk."""
-    head, _, rest = name.partition(".mlp.")
-    if not rest:
-        return [name]
-    return [name] + [f"{p}.{rest}" for p in family.disk_prefixes(head + ".mlp")]
 
 
 def _resolve_dtype(config, requested: torch.dtype | None) -> torch.dtype:
@@ -185,7 +176,7 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
         model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype))
-    _load_remaining(ckpt, model, family, dtype)
+    _load_remaining(ckpt, model, dtype)
     if not family.model_types:  # no adapter: the generic guess must reproduce transformers' block
         path, block = blocks[0]
         verify_block(block, model.get_submodule(path), config.model_type, path)

@@ -236,6 +236,14 @@ class Router(nn.Module):
     def num_experts(self) -> int:
         return self.weight.shape[0]
 
+    @property
+    def top_k(self) -> int:
+        """Experts per token (2 for PhiMoE's sparsemixer, 1 for Switch, 2 for NLLB-MoE)."""
+        rule = self.rule
+        if isinstance(rule, SparseMixer | NllbTop2):
+            return 2
+        return 1 if isinstance(rule, SwitchTop1) else rule.top_k
+
     def logits(self, x: Tensor) -> Tensor:
         if self.logits_dtype is None:
             return F.linear(x, self.weight, self.bias)
