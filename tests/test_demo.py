@@ -60,3 +60,16 @@ def test_eval_ppl_cli(tiny, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["perplexity"] > 1 and out["bits_per_byte"] > 0 and len(out["expert_load"]) == 2
     assert main(["eval-ppl", "--model", str(tiny("mixtral")), "--text", str(tmp_path / "none.txt")]) == 2
+
+
+def test_load_balance_loss_is_per_layer():
+    from moedeploy.demo.train import load_balance_loss
+
+    even = torch.zeros(64, 8)  # flat router: every expert equally likely, top-k picks spread by index ties
+    hot_a = torch.zeros(64, 8)
+    hot_a[:, 0] = 5.0  # every token prefers expert 0 ...
+    hot_b = torch.zeros(64, 8)
+    hot_b[:, 1] = 5.0  # ... in the other layer, expert 1
+    # Per layer, each skewed layer is penalised; transformers' concatenated version would not see it.
+    assert load_balance_loss((hot_a, hot_b), top_k=1) > 3 * load_balance_loss((even, even), top_k=1)
+    assert math.isclose(load_balance_loss((hot_a,), top_k=1).item(), load_balance_loss((hot_a, hot_a), top_k=1).item())

@@ -83,6 +83,24 @@ def top_quarter_share(router_logits: tuple[torch.Tensor, ...], top_k: int) -> li
     return shares
 
 
+def load_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
+    """Switch-style load-balancing loss, per layer, averaged over layers: E * sum_i f_i * P_i, with
+    f_i the share of routed pairs that chose expert i and P_i its mean router probability.
+
+    transformers' own `load_balancing_loss_func` concatenates all layers before counting, so it
+    balances expert index i summed over layers: a hot expert in one layer and a cold one of the same
+    index in another cancel out, and per-layer skew goes unpenalised.
+    """
+    losses = []
+    for logits in router_logits:  # [T, E]
+        E = logits.shape[-1]
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)  # [T, E]
+        f = chosen.mean(dim=0) / top_k  # [E], sums to 1
+        losses.append(E * (f * probs.mean(dim=0)).sum())
+    return torch.stack(losses).mean()
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -117,7 +135,8 @@ def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         outputs = model(input_ids=batch, labels=batch, output_router_logits=True)  # transformers shifts the labels
-        loss = outputs.loss + coef * outputs.aux_loss
+        aux = load_balance_loss(outputs.router_logits, cfg.top_k)
+        loss = outputs.loss + coef * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -129,7 +148,7 @@ def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print
                 coef = min(coef * 1.25, 1.0)
             elif mean < cfg.skew_band[0]:
                 coef = max(coef / 1.25, 1e-4)
-            row = dict(step=step, loss=round(outputs.loss.item(), 4), aux=round(outputs.aux_loss.item(), 4),
+            row = dict(step=step, loss=round(outputs.loss.item(), 4), aux=round(aux.item(), 4),
                        coef=round(coef, 5), top_quarter=[round(s, 3) for s in shares],
                        minutes=round((time.perf_counter() - start) / 60, 2))
             history.append(row)
