@@ -73,3 +73,28 @@ def test_load_balance_loss_is_per_layer():
     # Per layer, each skewed layer is penalised; transformers' concatenated version would not see it.
     assert load_balance_loss((hot_a, hot_b), top_k=1) > 3 * load_balance_loss((even, even), top_k=1)
     assert math.isclose(load_balance_loss((hot_a,), top_k=1).item(), load_balance_loss((hot_a, hot_a), top_k=1).item())
+
+
+def test_shipped_demo_model_is_exact_against_transformers():
+    """The embedded model loads by default and matches transformers (eager experts) exactly."""
+    import transformers as T
+
+    from moedeploy.api import DEMO_MODEL
+
+    ours = moedeploy.load(dtype="float32")
+    assert ours.moedeploy.path == DEMO_MODEL and ours.moedeploy.family == "qwen_moe"
+    ref = T.AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32, experts_implementation="eager").eval()
+    tok = T.AutoTokenizer.from_pretrained(DEMO_MODEL)
+    ids = tok(["ROMEO.\nBut soft, what light", "Which is most faint; now 'tis true"], return_tensors="pt",
+              padding=True).input_ids
+    with torch.no_grad():
+        a, b = ours(ids).logits, ref(ids).logits
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5
+        kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert torch.equal(ours.generate(ids[:1], **kwargs), ref.generate(ids[:1], **kwargs))
+
+
+def test_demo_model_is_the_cli_default(capsys):
+    assert main(["generate", "--prompt", "ROMEO.", "--max-new-tokens", "8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["new_tokens"] == 8 and out["stats"]["dtype"] == "bfloat16"
