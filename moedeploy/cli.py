@@ -147,6 +147,7 @@ def cmd_make_tiny(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import layer as bench_layer
+    from .trace.cli import add_commands as add_trace_commands
 
     parser = argparse.ArgumentParser(prog="moedeploy", description="Run Mixture-of-Experts models cheaply and fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
+    add_trace_commands(sub)
     return parser
 
 

@@ -15,3 +15,7 @@ class UnsupportedModelError(MoeDeployError):
 
 class OptionError(MoeDeployError, ValueError):
     """An option has a value moedeploy does not accept."""
+
+
+class TraceError(MoeDeployError, ValueError):
+    """A routing trace is missing, empty, truncated, of an unknown format, or has the wrong schema."""
