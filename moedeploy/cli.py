@@ -28,6 +28,15 @@ class _Clock:
         pass
 
 
+def _recording(model, path: str | None):
+    """Record the routing of everything run inside, into `path` (Parquet); nothing when path is None."""
+    from contextlib import nullcontext
+
+    from .trace import record
+
+    return nullcontext() if path is None else record(model)
+
+
 def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
@@ -59,10 +68,12 @@ def cmd_generate(args) -> int:
     loaded = time.perf_counter()
     prompt = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     clock = _Clock()
-    with torch.inference_mode():
+    with torch.inference_mode(), _recording(model, args.trace) as recorder:
         out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock,
                              pad_token_id=tokenizer.pad_token_id)
     done = time.perf_counter()
+    if recorder is not None:
+        recorder.write(args.trace)
     new = out[0] if model.config.is_encoder_decoder else out[0, prompt["input_ids"].shape[-1]:]
     text = tokenizer.decode(new, skip_special_tokens=True)
     first = clock.times[1] if len(clock.times) > 1 else done  # times[0] is the prompt
@@ -107,7 +118,10 @@ def cmd_eval_ppl(args) -> int:
     tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     model.moedeploy.reset_stats()
     start = time.perf_counter()
-    result = perplexity(model, tokenizer, text, context=args.context)
+    with _recording(model, args.trace) as recorder:
+        result = perplexity(model, tokenizer, text, context=args.context)
+    if recorder is not None:
+        recorder.write(args.trace)
     load_per_layer = {name: ExpertLoad.of(layer.expert_counts).__dict__ for name, layer in model.moedeploy.layers.items()}
     out = {"model": str(model.moedeploy.path), "text": str(text_file), **result.as_dict(),
            "seconds": round(time.perf_counter() - start, 2), "expert_load": load_per_layer}
@@ -158,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
+    g.add_argument("--trace", help="record the routing of this run to a Parquet file (docs/traces.md)")
     _add_load_options(g)
     g.set_defaults(func=cmd_generate)
 
@@ -172,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--text", required=True, help="a UTF-8 text file")
     e.add_argument("--context", type=int, default=256, help="tokens per scored window (default 256)")
     e.add_argument("--json", action="store_true")
+    e.add_argument("--trace", help="record the routing of this run to a Parquet file (docs/traces.md)")
     _add_load_options(e)
     e.set_defaults(func=cmd_eval_ppl)
 

@@ -66,3 +66,17 @@ def test_make_tiny_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert main(["make-tiny", "--family", "olmoe", "--out", str(tmp_path / "t")]) == 0
     assert moedeploy.load(tmp_path / "t").moedeploy.family == "qwen_moe"
     assert main(["make-tiny", "--family", "llama", "--out", str(tmp_path / "u")]) == 2
+
+
+def test_generate_and_eval_ppl_can_record_a_trace(tiny, tmp_path, capsys):
+    from moedeploy.trace import read_trace
+
+    path = str(tiny("qwen3_moe"))
+    assert main(["generate", "--model", path, "--prompt", "experts", "--max-new-tokens", "4",
+                 "--trace", str(tmp_path / "g.parquet")]) == 0
+    generated = read_trace(tmp_path / "g.parquet")
+    assert set(generated.phase.tolist()) == {0, 1}  # prefill and decode steps
+    text = tmp_path / "t.txt"
+    text.write_text("Dynamic gating sorts tokens by expert. " * 8)
+    assert main(["eval-ppl", "--model", path, "--text", str(text), "--trace", str(tmp_path / "e.parquet")]) == 0
+    assert len(read_trace(tmp_path / "e.parquet").step) > 0
