@@ -67,7 +67,7 @@ def test_plan_sorts_every_pair_exactly_once(T, K, E, drop, seed):
 
 
 @settings(max_examples=80, deadline=None)
-@given(gated=st.booleans(), bias=st.booleans(), backend=st.sampled_from(["loop", "grouped_mm"]), **shapes)
+@given(gated=st.booleans(), bias=st.booleans(), backend=st.sampled_from(["loop", "grouped_mm", "auto"]), **shapes)
 def test_kernels_match_per_pair_loop(T, K, E, drop, seed, gated, bias, backend):
     D, I = 16, 8  # rows of 64 and 32 bytes: grouped_mm applies
     x = torch.randn(T, D, generator=torch.Generator().manual_seed(seed + 1))

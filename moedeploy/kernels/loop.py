@@ -18,6 +18,11 @@ def loop_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
             continue
         rows = slice(start, start + n)
         h = F.linear(x_sorted[rows], bank.w_in[e], None if bank.b_in is None else bank.b_in[e])  # [n, N]
-        y[rows] = F.linear(bank.activation(h), bank.w_out[e], None if bank.b_out is None else bank.b_out[e])
+        a, w = bank.activation(h), bank.w_out[e].t()  # [n, I], [I, D]
+        # F.linear's own kernels (addmm with a bias, else mm), writing straight into y's rows: no copy
+        if bank.b_out is None:
+            torch.mm(a, w, out=y[rows])
+        else:
+            torch.addmm(bank.b_out[e], a, w, out=y[rows])
         start += n
     return y
