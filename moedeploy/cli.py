@@ -28,6 +28,19 @@ class _Clock:
         pass
 
 
+def _read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of a file named on the command line, or a clear error naming the flag."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise MoeDeployError(f"{flag} {file} is not a file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise MoeDeployError(f"{flag} {file} is empty")
+    return text
+
+
 def _recording(model, path: str | None):
     """Record the routing of everything run inside, into `path` (Parquet); nothing when path is None."""
     from contextlib import nullcontext
@@ -109,11 +122,7 @@ def cmd_eval_ppl(args) -> int:
     from .evaluate import ExpertLoad, perplexity
 
     text_file = Path(args.text)
-    if not text_file.is_file():
-        raise MoeDeployError(f"--text {text_file} is not a file")
-    text = text_file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise MoeDeployError(f"--text {text_file} is empty")
+    text = _read_text(args.text, "--text")
     model = load(args.model, **_load_options(args))
     tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     model.moedeploy.reset_stats()

@@ -35,17 +35,13 @@ def cmd_trace(args) -> int:
     from transformers import AutoTokenizer
 
     from ..api import load
-    from ..cli import _load_options
+    from ..cli import _load_options, _read_text
     from .memory import model_memory
     from .profile import profile_run
     from .record import record
 
     text_file = Path(args.input)
-    if not text_file.is_file():
-        raise MoeDeployError(f"--input {text_file} is not a file")
-    text = text_file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise MoeDeployError(f"--input {text_file} is empty")
+    text = _read_text(args.input, "--input")
     if args.context < 2 or args.batch < 1:
         raise MoeDeployError("--context must be at least 2 and --batch at least 1")
     model = load(args.model, **_load_options(args))
