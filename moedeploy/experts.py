@@ -60,8 +60,3 @@ class ExpertBank(nn.Module):
     @property
     def intermediate_size(self) -> int:
         return self.w_out.shape[2]
-
-    def expert_bytes(self) -> int:
-        """Bytes of one expert's weights and biases."""
-        per = [t[0] for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None]
-        return sum(t.numel() * t.element_size() for t in per)

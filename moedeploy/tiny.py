@@ -7,6 +7,7 @@ sentences. Nothing is downloaded.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ _DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_atten
                 max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
 
 
-def _configs() -> dict[str, callable]:
+def _configs() -> dict[str, Callable[[], T.PretrainedConfig]]:
     """family -> a function building its tiny config (lazily: some configs warn when built)."""
     d = _DECODER
     mla = dict(d, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)

@@ -60,9 +60,6 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def has_prefix(self, prefix: str) -> bool:
         return any(name.startswith(prefix) for name in self._where)
 
