@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
+exec .venv/bin/python -m pytest -p no:cacheprovider "$@" tests
