@@ -1,10 +1,13 @@
 """Dynamic gating (Huang et al. 2023, §4.1): sort the (token, expert) pairs by expert, and let each
 expert compute exactly the tokens it got. No capacity, no padding, no one-hot dispatch tensors.
 
-    routing [T, K] ──plan()──► Plan (order, tokens, weights, counts, offsets)
+    routing [T, K] ──plan()──► Plan (order, inverse, tokens, counts, offsets, weights)
     x [T, D] ──gather(plan)──► x_sorted [P, D] ──experts──► y_sorted [P, D] ──combine(plan)──► y [T, D]
 
 The plan is built once per layer call and passed down; both expert matrix multiplies reuse it.
+`combine` puts the rows back in (token, k) order and sums each token's K rows with its gate weights
+in one small matmul: the result depends only on the rows' values, not on how the pairs were sorted
+or grouped, and no atomics are involved (deterministic on CUDA too).
 This module knows nothing about expert weights or where they live.
 
 Legend: T = tokens, K = experts per token, P = T*K pairs, E = experts, D = hidden size.
@@ -23,8 +26,9 @@ from .routing import Routing
 @dataclass(frozen=True)
 class Plan:
     order: Tensor  # [P] flat pair index (t*K + k), sorted by expert; dropped pairs last
+    inverse: Tensor  # [P] row of each flat pair in the sorted order: order[inverse] = arange(P)
     tokens: Tensor  # [P] token of each sorted pair
-    weights: Tensor  # [P] gate weight of each sorted pair
+    weights: Tensor  # [T, K] gate weights, in token order
     counts: Tensor  # [E] pairs per expert (dropped pairs not counted)
     offsets: Tensor  # [E] int32 end row of each expert's group: cumsum(counts), torch._grouped_mm's `offs`
     may_drop: bool  # True when some pairs may carry the dropped sentinel (capacity routers)
@@ -39,12 +43,15 @@ def plan(routing: Routing, num_experts: int, may_drop: bool = False) -> Plan:
     ids = routing.ids.reshape(-1)  # [P]
     K = routing.ids.shape[-1]
     order = torch.argsort(ids, stable=True)  # stable: within an expert, tokens stay in order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]  # [E]
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
     return Plan(
         order=order,
+        inverse=inverse,
         tokens=order // K,
-        weights=routing.weights.reshape(-1)[order],
+        weights=routing.weights,
         counts=counts,
         offsets=offsets,
         may_drop=may_drop,
@@ -57,13 +64,15 @@ def gather(x: Tensor, p: Plan) -> Tensor:
 
 
 def combine(y_sorted: Tensor, p: Plan, num_tokens: int) -> Tensor:
-    """Weighted scatter-add of the experts' rows back to their tokens: y_sorted [P, D] -> y [T, D].
+    """Each token's expert rows, weighted and summed: y_sorted [P, D] -> y [T, D].
 
     Rows of dropped pairs hold no expert output (the kernels skip them) and are zeroed, not weighted.
     """
-    y = y_sorted * p.weights.unsqueeze(-1).to(y_sorted.dtype)  # [P, D]
     if p.may_drop:
-        valid = torch.arange(y.shape[0], device=y.device) < p.offsets[-1]  # device-side, no sync
-        y = torch.where(valid.unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
-    out = torch.zeros(num_tokens, y.shape[-1], dtype=y.dtype, device=y.device)
-    return out.index_add_(0, p.tokens, y)
+        valid = torch.arange(y_sorted.shape[0], device=y_sorted.device) < p.offsets[-1]  # device-side, no sync
+        y_sorted = torch.where(valid.unsqueeze(-1), y_sorted, torch.zeros((), dtype=y_sorted.dtype,
+                                                                           device=y_sorted.device))
+    K = p.weights.shape[-1]
+    pairs = y_sorted.index_select(0, p.inverse).view(num_tokens, K, y_sorted.shape[-1])  # [T, K, D], token order
+    w = p.weights.to(y_sorted.dtype).view(num_tokens, 1, K)  # [T, 1, K]
+    return torch.bmm(w, pairs).squeeze(1)  # [T, D]
