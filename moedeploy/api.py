@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
+from .cache import CacheConfig, attach_cache, make_policy, parse_budget
+from .errors import OptionError
 from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
@@ -21,6 +23,7 @@ class Runtime:
     family: str
     options: LoadOptions
     layers: dict[str, MoELayer]
+    pools: list = field(default_factory=list)  # cache.SlotPool per budget scope; empty when all experts resident
 
     def stats(self) -> dict:
         """Routing statistics since load (or the last reset): one host sync per layer."""
@@ -49,6 +52,21 @@ class Runtime:
         return {"total": total, "routed_expert": expert, "expert_share": round(expert / total, 4),
                 "active_per_token": int(dense + active_expert)}
 
+    def cache_stats(self) -> dict | None:
+        """Expert-buffering statistics summed over the pools, or None when every expert is resident."""
+        if not self.pools:
+            return None
+        per_pool = [pool.stats.as_dict() for pool in self.pools]
+        total = {key: sum(d[key] for d in per_pool) for key in per_pool[0] if key != "miss_rate"}
+        total["miss_rate"] = total["misses"] / max(total["hits"] + total["misses"], 1)
+        total["peak_resident_bytes"] = max(d["peak_resident_bytes"] for d in per_pool) * (
+            1 if len(self.pools) == 1 else len(self.pools))  # an upper bound across per-layer pools
+        total["slots"] = sum(pool.num_slots for pool in self.pools)
+        total["budget_bytes"] = self.options.cache.budget_bytes
+        total["policy"] = self.options.cache.policy
+        total["scope"] = self.options.cache.scope
+        return total
+
     def reset_stats(self) -> None:
         for layer in self.layers.values():
             layer.reset_stats()
@@ -57,8 +75,9 @@ class Runtime:
 DEMO_MODEL = Path(__file__).parent / "data" / "demo"
 
 
-def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic", capacity_factor: float | None = None,
-         capacity_fraction: float | None = None, backend: str = "auto") -> nn.Module:
+def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic",
+         capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
+         expert_memory=None, policy: str | None = None, cache_scope: str | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -70,11 +89,26 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     capacity_factor / capacity_fraction: static gating's capacity, C = ceil(f * k * S / E) or
     ceil(fraction * S); by default the model's own capacity (Switch, NLLB-MoE) or room for every token.
     backend: expert kernel, "auto", "loop" or "grouped_mm".
+    expert_memory: keep only this much of the experts resident ("2GiB", "512MB", bytes, or a fraction
+    of all expert bytes such as 0.25); the rest stay in host memory and are copied in when needed.
+    policy: which resident expert to evict: "lru" (default), "lfu", "fifo", "lifo" (the paper's).
+    cache_scope: "layer" (an equal share per MoE layer, default) or "global" (one pool for all).
     """
+    if expert_memory is None and (policy is not None or cache_scope is not None):
+        raise OptionError("policy and cache_scope apply only with an expert_memory budget")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
     path = DEMO_MODEL if path is None else Path(path)
     model, family = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
-    model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers)
+    pools = []
+    if expert_memory is not None:
+        total = sum(t.numel() * t.element_size() for m in layers.values()
+                    for t in (m.experts.w_in, m.experts.w_out, m.experts.b_in, m.experts.b_out) if t is not None)
+        cache = CacheConfig(budget_bytes=parse_budget(expert_memory, total), policy=policy or "lru",
+                            scope=cache_scope or "layer")
+        make_policy(cache.policy)  # validates the name before any memory is allocated
+        pools = attach_cache(list(layers.values()), cache, opts.device)
+        opts = replace(opts, cache=cache)
+    model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools)
     return model

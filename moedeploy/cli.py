@@ -57,11 +57,21 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity-factor", type=float, help="static gating: C = ceil(f * k * S / E)")
     p.add_argument("--capacity-fraction", type=float, help="static gating: C = ceil(fraction * S)")
     p.add_argument("--backend", default="auto", help="expert kernel: auto, loop or grouped_mm")
+    p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
+    p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
+    p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
 
 
 def _load_options(args) -> dict:
+    memory = args.expert_memory
+    if memory is not None:
+        try:
+            memory = float(memory) if float(memory) <= 1 else memory  # a bare fraction like 0.25
+        except ValueError:
+            pass  # a size with a unit: parsed by the cache
     return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
-                capacity_fraction=args.capacity_fraction, backend=args.backend)
+                capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
+                policy=args.policy, cache_scope=args.cache_scope)
 
 
 def cmd_generate(args) -> int:
@@ -102,6 +112,7 @@ def cmd_generate(args) -> int:
         "dtype": str(model.dtype).removeprefix("torch."),
         "family": model.moedeploy.family,
         "moe": model.moedeploy.stats(),
+        "cache": model.moedeploy.cache_stats(),
     }
     if args.json:
         print(json.dumps({"text": text, "tokens": new.tolist(), "stats": stats}))

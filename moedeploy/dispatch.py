@@ -63,16 +63,25 @@ def gather(x: Tensor, p: Plan) -> Tensor:
     return x[p.tokens]
 
 
-def combine(y_sorted: Tensor, p: Plan, num_tokens: int) -> Tensor:
-    """Each token's expert rows, weighted and summed: y_sorted [P, D] -> y [T, D].
+def unsort(y_sorted: Tensor, p: Plan) -> Tensor:
+    """The experts' rows back in (token, k) order: y_sorted [P, D] -> pairs [P, D].
 
-    Rows of dropped pairs hold no expert output (the kernels skip them) and are zeroed, not weighted.
+    Rows of dropped pairs hold no expert output (the kernels skip them) and become zeros.
     """
     if p.may_drop:
         valid = torch.arange(y_sorted.shape[0], device=y_sorted.device) < p.offsets[-1]  # device-side, no sync
         y_sorted = torch.where(valid.unsqueeze(-1), y_sorted, torch.zeros((), dtype=y_sorted.dtype,
                                                                            device=y_sorted.device))
-    K = p.weights.shape[-1]
-    pairs = y_sorted.index_select(0, p.inverse).view(num_tokens, K, y_sorted.shape[-1])  # [T, K, D], token order
-    w = p.weights.to(y_sorted.dtype).view(num_tokens, 1, K)  # [T, 1, K]
-    return torch.bmm(w, pairs).squeeze(1)  # [T, D]
+    return y_sorted.index_select(0, p.inverse)
+
+
+def weighted_sum(pairs: Tensor, weights: Tensor) -> Tensor:
+    """Each token's K rows summed with its gate weights: pairs [T*K, D], weights [T, K] -> y [T, D]."""
+    T, K = weights.shape
+    w = weights.to(pairs.dtype).view(T, 1, K)
+    return torch.bmm(w, pairs.view(T, K, pairs.shape[-1])).squeeze(1)
+
+
+def combine(y_sorted: Tensor, p: Plan) -> Tensor:
+    """y_sorted [P, D] -> y [T, D]: `unsort`, then `weighted_sum`."""
+    return weighted_sum(unsort(y_sorted, p), p.weights)

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import kernels
-from .dispatch import combine, gather, plan
+from .dispatch import combine, gather, plan, weighted_sum
 from .errors import OptionError
 from .experts import ExpertBank
-from .routing import NllbTop2, Router, SwitchTop1
+from .routing import NllbTop2, Router, Routing, SwitchTop1
 from .static_gating import Capacity, static_moe
 
 GATING_MODES = ("dynamic", "static")
@@ -74,6 +74,10 @@ class MoELayer(nn.Module):
         self.routed_pairs = 0
         # Routing-trace tap (moedeploy.trace.record): a callable taking the Routing, or None (costs one `if`).
         self.recorder = None
+        # Expert buffering (moedeploy.cache): the slot pool holding this layer's resident experts, and
+        # this layer's index in the pool's keys; None when every expert is resident.
+        self.pool = None
+        self.pool_index = 0
 
     @property
     def capacity_per_sequence(self) -> bool:
@@ -93,14 +97,16 @@ class MoELayer(nn.Module):
             self.recorder(routing)
         E = self.experts.num_experts
         self.routed_pairs += routing.ids.numel()
-        if self.gating.mode == "dynamic":
+        if self.gating.mode == "dynamic" and self.pool is not None:
+            y = self._moe_buffered(x, routing)
+        elif self.gating.mode == "dynamic":
             with _label("moe.dispatch"):
                 p = plan(routing, E, may_drop=self.may_drop)
                 x_sorted = gather(x, p)  # [P, D]
             with _label("moe.experts"):
                 y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.experts)  # [P, D]
             with _label("moe.combine"):
-                y = combine(y_sorted, p, x.shape[0])
+                y = combine(y_sorted, p)
             self.expert_counts += p.counts
             if self.may_drop:
                 self.dropped_pairs += (routing.ids == E).sum()
@@ -118,6 +124,36 @@ class MoELayer(nn.Module):
                     s = torch.sigmoid(getattr(self, self._shared_gate)(x)) * s
             y = y + s
         return y.to(x.dtype)
+
+    def _moe_buffered(self, x: Tensor, routing: Routing) -> Tensor:
+        """Dynamic gating with only some experts resident: the needed experts pass through the pool's
+        slots in chunks that fit; every pair's row lands in one buffer in token order, and one weighted
+        sum at the end makes the output bit-identical to the fully resident layer."""
+        E, S = self.experts.num_experts, self.pool.num_slots
+        counts = torch.bincount(routing.ids.reshape(-1), minlength=E + 1)[:E]  # [E]
+        per_expert = counts.tolist()  # host sync: the cache decides on the host what to fetch
+        needed = [e for e, n in enumerate(per_expert) if n]
+        pairs = torch.zeros(routing.ids.numel(), x.shape[-1], dtype=x.dtype, device=x.device)  # [T*K, D]
+        if len(needed) > S:
+            self.pool.note_streaming(len(needed))
+        for start in range(0, len(needed), S):
+            chunk = needed[start : start + S]
+            with _label("moe.transfer"):
+                slots = self.pool.acquire([(self.pool_index, e) for e in chunk])
+            remap = torch.full((E + 1,), S, dtype=torch.long, device=x.device)  # experts outside the chunk -> dropped
+            remap[torch.tensor(chunk, device=x.device)] = torch.tensor(slots, device=x.device)
+            with _label("moe.dispatch"):
+                p = plan(Routing(remap[routing.ids], routing.weights), S, may_drop=True)
+                x_sorted = gather(x, p)
+            with _label("moe.experts"):
+                y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.pool.slots)  # [P, D]
+            n = sum(per_expert[e] for e in chunk)  # this chunk's rows come first in the plan
+            pairs.index_copy_(0, p.order[:n], y_sorted[:n])
+        self.expert_counts += counts
+        if self.may_drop:
+            self.dropped_pairs += (routing.ids == E).sum()
+        with _label("moe.combine"):
+            return weighted_sum(pairs, routing.weights)
 
     def _static_capacity(self, tokens_per_group: int, routing) -> int:
         K, E = routing.ids.shape[-1], self.experts.num_experts

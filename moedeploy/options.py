@@ -41,6 +41,7 @@ class LoadOptions:
     device: torch.device
     dtype: torch.dtype | None  # None: the checkpoint's own dtype
     gating: Gating
+    cache: object = None  # cache.CacheConfig when an expert memory budget is set
 
     @classmethod
     def build(cls, device="cpu", dtype="auto", gating="dynamic", capacity_factor=None, capacity_fraction=None,

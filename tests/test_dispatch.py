@@ -74,7 +74,7 @@ def test_kernels_match_per_pair_loop(T, K, E, drop, seed, gated, bias, backend):
     routing = random_routing(T, K, E, drop, seed)
     bank = random_bank(E, D, I, gated, bias, seed + 2)
     p = plan(routing, E, may_drop=drop)
-    y = combine(kernels.BACKENDS[kernels.select(backend, bank)](gather(x, p), p, bank), p, T)
+    y = combine(kernels.BACKENDS[kernels.select(backend, bank)](gather(x, p), p, bank), p)
     torch.testing.assert_close(y, per_pair_reference(x, routing, bank), rtol=1e-5, atol=1e-4)
 
 
@@ -87,7 +87,7 @@ def test_odd_sizes_fall_back_to_the_loop(T):
     routing = random_routing(T, 2, 5, drop=False, seed=T)
     x = torch.randn(T, 7)
     p = plan(routing, 5)
-    y = combine(kernels.BACKENDS["loop"](gather(x, p), p, bank), p, T)
+    y = combine(kernels.BACKENDS["loop"](gather(x, p), p, bank), p)
     torch.testing.assert_close(y, per_pair_reference(x, routing, bank), rtol=1e-5, atol=1e-5)
 
 
@@ -98,7 +98,7 @@ def test_experts_with_no_tokens_are_skipped():
     p = plan(routing, 6)
     assert p.counts.tolist() == [0, 3, 0, 0, 3, 0]
     for backend in ("loop", "grouped_mm"):
-        y = combine(kernels.BACKENDS[backend](gather(x, p), p, bank), p, 3)
+        y = combine(kernels.BACKENDS[backend](gather(x, p), p, bank), p)
         torch.testing.assert_close(y, per_pair_reference(x, routing, bank), rtol=1e-5, atol=1e-5)
 
 
@@ -117,6 +117,6 @@ def test_output_does_not_depend_on_how_pairs_are_grouped(T, K, E, drop, seed, ba
     moved = ExpertBank(bank.w_in[where], bank.w_out[where], bank.activation, bank.b_in[where], bank.b_out[where])
     run = kernels.BACKENDS[backend]
     p1, p2 = plan(routing, E, may_drop=drop), plan(Routing(relabel[routing.ids], routing.weights), E, may_drop=drop)
-    y1 = combine(run(gather(x, p1), p1, bank), p1, T)
-    y2 = combine(run(gather(x, p2), p2, moved), p2, T)
+    y1 = combine(run(gather(x, p1), p1, bank), p1)
+    y2 = combine(run(gather(x, p2), p2, moved), p2)
     assert torch.equal(y1, y2)

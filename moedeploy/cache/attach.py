@@ -1,0 +1,48 @@
+"""Give a loaded model's MoE layers slot pools under a budget: per layer, or one pool for all."""
+
+from __future__ import annotations
+
+from ..errors import OptionError
+from ..layer import MoELayer
+from .budget import CacheConfig, device_bytes
+from .policies import make_policy
+from .pool import SlotPool
+
+
+def _expert_bytes(layer: MoELayer) -> int:
+    bank = layer.experts
+    return sum(t[0].numel() * t.element_size() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out) if t is not None)
+
+
+def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[SlotPool]:
+    if any(layer.gating.mode != "dynamic" for layer in layers):
+        raise OptionError("an expert memory budget needs gating='dynamic' (static gating runs every expert)")
+    sizes = {_expert_bytes(layer) for layer in layers}
+    per_expert = max(sizes)
+    total = sum(_expert_bytes(layer) * layer.experts.num_experts for layer in layers)
+    if config.budget_bytes > device_bytes(device):
+        raise OptionError(f"expert memory budget of {config.budget_bytes:,} bytes is larger than the {device.type} "
+                          f"device's {device_bytes(device):,} bytes")
+    slots = config.budget_bytes // per_expert
+    if config.scope == "global":
+        if len(sizes) > 1 or len({tuple(layer.experts.w_in.shape[1:]) for layer in layers}) > 1:
+            raise OptionError("cache scope 'global' needs every MoE layer's experts to have the same shapes; "
+                              "use cache_scope='layer'")
+        groups = [layers]
+        slots = min(slots, sum(layer.experts.num_experts for layer in layers))
+    else:
+        groups = [[layer] for layer in layers]
+        slots = min(slots // len(layers), min(layer.experts.num_experts for layer in layers))
+    if slots < 1:
+        need = per_expert * (1 if config.scope == "global" else len(layers))
+        raise OptionError(f"expert memory budget of {config.budget_bytes:,} bytes holds no expert per "
+                          f"{'model' if config.scope == 'global' else 'layer'}: at least {need:,} bytes are needed "
+                          f"(of {total:,} bytes of experts)")
+    pools = []
+    for group in groups:
+        pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device)
+        for layer in group:
+            layer.pool, layer.pool_index = pool, len(pool.stores)
+            pool.register(layer.pool_index, layer.experts)
+        pools.append(pool)
+    return pools

@@ -1,0 +1,108 @@
+"""Device slots for experts, what they hold, the copies into them, and the statistics.
+
+A `SlotPool` has `num_slots` slots, each the size of one expert, stored as an `ExpertBank` whose
+first dimension is the slot. `acquire(keys)` makes the given (layer, expert) keys resident, loading
+misses from the host store (the layer's full `ExpertBank` in host memory) and evicting what the
+policy picks among residents the caller does not need now; it returns each key's slot.
+
+On CPU the copies are real copies into the slot memory, so the logic and statistics are those of a
+device cache. Read-only weights are never copied back. CUDA side streams are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..experts import ExpertBank
+from .policies import Key, Policy
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_moved: int = 0
+    stall_s: float = 0.0  # time spent copying experts in, on the critical path
+    streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
+    resident_bytes: list[int] = field(default_factory=list)  # after every acquire
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["miss_rate"] = self.misses / max(self.hits + self.misses, 1)
+        d["peak_resident_bytes"] = max(self.resident_bytes, default=0)
+        d["resident_bytes"] = len(self.resident_bytes)  # the series is long: report its length only
+        d["acquires"] = d.pop("resident_bytes")
+        return d
+
+
+def _slot_bank(like: ExpertBank, num_slots: int, device) -> ExpertBank:
+    def empty(t):
+        return None if t is None else torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device)
+
+    return ExpertBank(empty(like.w_in), empty(like.w_out), like.activation, empty(like.b_in), empty(like.b_out))
+
+
+class SlotPool:
+    def __init__(self, num_slots: int, policy: Policy, like: ExpertBank, device):
+        self.num_slots = num_slots
+        self.policy = policy
+        self.slots = _slot_bank(like, num_slots, device)
+        self.expert_bytes = sum(t[0].numel() * t.element_size()
+                                for t in (like.w_in, like.w_out, like.b_in, like.b_out) if t is not None)
+        self.slot_of: dict[Key, int] = {}
+        self.free = list(range(num_slots))
+        self.stores: dict[int, ExpertBank] = {}  # layer -> its experts in host memory
+        self.stats = CacheStats()
+        self._now = 0
+
+    def register(self, layer: int, store: ExpertBank) -> None:
+        self.stores[layer] = store
+
+    def acquire(self, keys: list[Key]) -> list[int]:
+        """Slots of `keys` (at most num_slots distinct keys), loading misses; the order of `keys` is kept."""
+        assert len(keys) <= self.num_slots, "the caller splits a step into chunks that fit"
+        self._now += 1
+        needed = set(keys)
+        for key in keys:
+            if key in self.slot_of:
+                self.stats.hits += 1
+                self.policy.on_use(key, self._now)
+                continue
+            self.stats.misses += 1
+            if not self.free:
+                victim = self.policy.victim([k for k in self.slot_of if k not in needed])
+                self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
+                self.policy.on_evict(victim)
+            slot = self.free.pop()
+            self._load(key, slot)
+            self.slot_of[key] = slot
+            self.policy.on_insert(key, self._now)
+        self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
+        return [self.slot_of[k] for k in keys]
+
+    def _load(self, key: Key, slot: int) -> None:
+        layer, expert = key
+        store = self.stores[layer]
+        start = time.perf_counter()
+        for dst, src in ((self.slots.w_in, store.w_in), (self.slots.w_out, store.w_out),
+                         (self.slots.b_in, store.b_in), (self.slots.b_out, store.b_out)):
+            if src is not None:
+                dst[slot].copy_(src[expert])
+        self.stats.stall_s += time.perf_counter() - start
+        self.stats.bytes_moved += self.expert_bytes
+
+    def note_streaming(self, needed: int) -> None:
+        """A layer call needs more experts than there are slots: they stream through in chunks. Say so once."""
+        if self.stats.streamed_calls == 0:
+            import warnings
+
+            warnings.warn(f"moedeploy: the expert budget holds {self.num_slots} experts per pool, but one layer "
+                          f"call needed {needed}; experts stream through the slots in chunks (slower, still exact)",
+                          stacklevel=3)
+        self.stats.streamed_calls += 1
+
+    def resident_bytes(self) -> int:
+        return len(self.slot_of) * self.expert_bytes

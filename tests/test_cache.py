@@ -1,0 +1,123 @@
+"""Expert buffering: under every budget and policy the outputs are bit-identical to the fully
+resident model, resident bytes stay within the budget, and bad budgets get clear errors."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import moedeploy
+from moedeploy import OptionError
+from moedeploy.cache.policies import make_policy
+
+FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3", "switch_transformers"]  # plain, biases, shared, capacity
+SEQ2SEQ = {"switch_transformers"}
+
+
+def run(model, family, ids):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the streaming notice
+        if family in SEQ2SEQ:
+            logits = model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+        else:
+            logits = model(input_ids=ids).logits
+        tokens = model.generate(ids[:1], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    return logits, tokens
+
+
+def one_expert_per_layer(model) -> int:
+    layer = next(iter(model.moedeploy.layers.values()))
+    bank = layer.experts
+    per_expert = sum(t[0].numel() * t.element_size() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out)
+                     if t is not None)
+    return per_expert * len(model.moedeploy.layers)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lifo"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_budget_is_bit_identical(tiny, family, policy):
+    path = tiny(family)
+    ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(0))
+    full = moedeploy.load(path, dtype="float32")
+    want_logits, want_tokens = run(full, family, ids)
+    smallest = one_expert_per_layer(full)
+    for budget in (smallest, 0.5, 1.0):
+        model = moedeploy.load(path, dtype="float32", expert_memory=budget, policy=policy)
+        logits, tokens = run(model, family, ids)
+        assert torch.equal(logits, want_logits), (budget, policy)
+        assert torch.equal(tokens, want_tokens), (budget, policy)
+        stats = model.moedeploy.cache_stats()
+        budget_bytes = stats["budget_bytes"]
+        for pool in model.moedeploy.pools:
+            assert max(pool.stats.resident_bytes) <= budget_bytes // len(model.moedeploy.pools)
+        if budget == smallest:
+            assert stats["slots"] == len(model.moedeploy.layers) and stats["streamed_calls"] > 0
+
+
+def test_global_pool_is_bit_identical_and_within_budget(tiny):
+    path = tiny("mixtral")
+    ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(1))
+    want = run(moedeploy.load(path, dtype="float32"), "mixtral", ids)
+    model = moedeploy.load(path, dtype="float32", expert_memory=0.3, cache_scope="global", policy="lifo")
+    got = run(model, "mixtral", ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    (pool,) = model.moedeploy.pools
+    assert max(pool.stats.resident_bytes) <= model.moedeploy.options.cache.budget_bytes
+    assert pool.stats.hits > 0 and pool.stats.misses > 0 and pool.stats.bytes_moved == pool.stats.misses * pool.expert_bytes
+
+
+def test_demo_model_under_a_small_budget_is_bit_identical():
+    from transformers import AutoTokenizer
+
+    full = moedeploy.load()
+    ids = AutoTokenizer.from_pretrained(full.moedeploy.path)("ROMEO.\nBut soft", return_tensors="pt").input_ids
+    want = run(full, "qwen3_moe", ids)
+    for policy in ("lru", "lifo"):
+        got = run(moedeploy.load(expert_memory=0.125, policy=policy), "qwen3_moe", ids)  # 4 of 32 experts per layer
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lifo"])
+def test_policies_pick_their_victim(policy):
+    p = make_policy(policy)
+    for t, e in enumerate([1, 2, 3]):
+        p.on_insert((0, e), t)
+    p.on_use((0, 1), 3)  # 1 is now the most recent; 1 used twice
+    p.on_use((0, 2), 4)
+    p.on_use((0, 1), 5)
+    p.on_use((0, 2), 6)
+    # uses: 1 -> 3, 2 -> 3, 3 -> 1; last use: 1 -> 5, 2 -> 6, 3 -> 2; inserted: 1 -> 0, 2 -> 1, 3 -> 2
+    candidates = [(0, 1), (0, 2), (0, 3)]
+    expected = {"lru": (0, 3), "lfu": (0, 3), "fifo": (0, 1), "lifo": (0, 3)}[policy]
+    assert p.victim(candidates) == expected
+    assert p.victim([(0, 1), (0, 2)]) == {"lru": (0, 1), "lfu": (0, 1), "fifo": (0, 1), "lifo": (0, 2)}[policy]
+
+
+def test_generate_json_reports_cache_stats(tiny, capsys):
+    from moedeploy.cli import main
+
+    assert main(["generate", "--model", str(tiny("qwen3_moe")), "--prompt", "experts", "--max-new-tokens", "6",
+                 "--expert-memory", "0.5", "--policy", "lfu", "--json"]) == 0
+    cache = json.loads(capsys.readouterr().out)["stats"]["cache"]
+    assert cache["policy"] == "lfu" and cache["hits"] + cache["misses"] > 0 and 0 <= cache["miss_rate"] <= 1
+    assert cache["peak_resident_bytes"] <= cache["budget_bytes"]
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(expert_memory=0), "is not valid"),
+    (dict(expert_memory=-5), "is not valid"),
+    (dict(expert_memory="lots"), "is not valid"),
+    (dict(expert_memory="1PiB"), "is not valid"),
+    (dict(expert_memory="1000000GB"), "larger than the cpu device"),
+    (dict(expert_memory=10), "holds no expert per layer"),
+    (dict(expert_memory=0.5, policy="random"), "unknown cache policy 'random'"),
+    (dict(expert_memory=0.5, cache_scope="node"), "unknown cache scope 'node'"),
+    (dict(policy="lru"), "apply only with an expert_memory budget"),
+    (dict(expert_memory=0.5, gating="static"), "needs gating='dynamic'"),
+])
+def test_bad_budgets(tiny, options, message):
+    with pytest.raises(OptionError, match=message):
+        moedeploy.load(tiny("qwen3_moe"), **options)
