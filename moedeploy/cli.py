@@ -181,6 +181,7 @@ def cmd_make_tiny(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import layer as bench_layer
+    from .sim.cli import add_commands as add_sim_commands
     from .trace.cli import add_commands as add_trace_commands
 
     parser = argparse.ArgumentParser(prog="moedeploy", description="Run Mixture-of-Experts models cheaply and fast.")
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
     add_trace_commands(sub)
+    add_sim_commands(sub)
     return parser
 
 

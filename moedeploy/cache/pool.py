@@ -46,12 +46,14 @@ def _slot_bank(like: ExpertBank, num_slots: int, device) -> ExpertBank:
 
 
 class SlotPool:
-    def __init__(self, num_slots: int, policy: Policy, like: ExpertBank, device):
+    def __init__(self, num_slots: int, policy: Policy, like: ExpertBank | None, device=None, expert_bytes: int = 0):
+        """Slots shaped like `like`'s experts on `device`; with like=None, bookkeeping only (the simulator):
+        no slot memory, and a load just counts `expert_bytes`."""
         self.num_slots = num_slots
         self.policy = policy
-        self.slots = _slot_bank(like, num_slots, device)
-        self.expert_bytes = sum(t[0].numel() * t.element_size()
-                                for t in (like.w_in, like.w_out, like.b_in, like.b_out) if t is not None)
+        self.slots = None if like is None else _slot_bank(like, num_slots, device)
+        self.expert_bytes = expert_bytes if like is None else sum(
+            t[0].numel() * t.element_size() for t in (like.w_in, like.w_out, like.b_in, like.b_out) if t is not None)
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots))
         self.stores: dict[int, ExpertBank] = {}  # layer -> its experts in host memory
@@ -65,6 +67,7 @@ class SlotPool:
         """Slots of `keys` (at most num_slots distinct keys), loading misses; the order of `keys` is kept."""
         assert len(keys) <= self.num_slots, "the caller splits a step into chunks that fit"
         self._now += 1
+        self.policy.tick(self._now)
         needed = set(keys)
         for key in keys:
             if key in self.slot_of:
@@ -84,6 +87,9 @@ class SlotPool:
         return [self.slot_of[k] for k in keys]
 
     def _load(self, key: Key, slot: int) -> None:
+        self.stats.bytes_moved += self.expert_bytes
+        if self.slots is None:
+            return
         layer, expert = key
         store = self.stores[layer]
         start = time.perf_counter()
@@ -92,7 +98,6 @@ class SlotPool:
             if src is not None:
                 dst[slot].copy_(src[expert])
         self.stats.stall_s += time.perf_counter() - start
-        self.stats.bytes_moved += self.expert_bytes
 
     def note_streaming(self, needed: int) -> None:
         """A layer call needs more experts than there are slots: they stream through in chunks. Say so once."""

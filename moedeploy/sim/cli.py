@@ -1,0 +1,88 @@
+"""`moedeploy simulate`: replay a routing trace through the expert cache, one point or a sweep."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import MoeDeployError
+from .replay import CostModel, replay
+
+SWEEP_POLICIES = ("lru", "lfu", "fifo", "lifo", "belady")
+
+
+def _capacities(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"--capacity takes comma-separated integers, got {text!r}") from ex
+
+
+def cmd_simulate(args) -> int:
+    from ..trace import load_trace
+
+    trace = load_trace(args.trace)
+    if args.domain:
+        domains = trace.by_domain()
+        if args.domain not in domains:
+            raise MoeDeployError(f"--domain {args.domain!r} is not in the trace (it has: {', '.join(domains)})")
+        trace = domains[args.domain]
+    cost = replace(CostModel(), **{k: v for k, v in (("expert_bytes", args.expert_bytes), ("link_gbps", args.link_gbps),
+                                                       ("memory_gbps", args.memory_gbps)) if v is not None})
+    policies = SWEEP_POLICIES if args.sweep else (args.policy,)
+    capacities = _capacities("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16")
+    results = [replay(trace, policy, c, cost, progress=not args.json) for policy in policies for c in capacities]
+    out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "layers": trace.meta.num_layers,
+           "experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "cost_model": cost.__dict__,
+           "results": [r.as_dict() for r in results]}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "simulate.json").write_text(json.dumps(out, indent=1))
+        if args.sweep:
+            _plot(results, trace.meta.num_experts, Path(args.out) / "miss_rate.png")
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{trace.num_tokens:,} tokens x {trace.meta.num_layers} layers, top-{trace.meta.top_k} of "
+          f"{trace.meta.num_experts}; decode order, per-layer caches")
+    print(f"{'policy':8s} {'capacity':>8s} {'miss rate':>10s} {'GB moved':>9s} {'ms/token':>9s} {'(all resident)':>15s}")
+    for r in results:
+        print(f"{r.policy:8s} {r.capacity:8d} {r.miss_rate:10.3f} {r.bytes_moved / 1e9:9.1f} "
+              f"{r.seconds_per_token * 1e3:9.2f} {r.all_resident_seconds_per_token * 1e3:15.2f}")
+    return 0
+
+
+def _plot(results, num_experts: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    for policy in dict.fromkeys(r.policy for r in results):
+        rows = [r for r in results if r.policy == policy]
+        ax.plot([r.capacity for r in rows], [r.miss_rate for r in rows], marker="o", label=policy)
+    ax.set_xlabel(f"resident experts per layer (of {num_experts})")
+    ax.set_ylabel("miss rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("simulate", help="replay a routing trace through the expert cache with a cost model")
+    s.add_argument("--trace", required=True, help="a Parquet trace or an ESFT domain directory")
+    s.add_argument("--domain", help="only this domain of a multi-domain trace")
+    s.add_argument("--policy", default="lru", help="lru, lfu, fifo, lifo (the paper's) or belady (offline optimum)")
+    s.add_argument("--capacity", help="resident experts per layer, comma-separated (default 16; 8,16,32 with --sweep)")
+    s.add_argument("--sweep", action="store_true", help="every policy at every --capacity (default 8,16,32 then)")
+    s.add_argument("--out", help="directory for simulate.json (and miss_rate.png with --sweep)")
+    s.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: DeepSeek-V2-Lite in bf16)")
+    s.add_argument("--link-gbps", type=float, help="host-to-device bandwidth, GB/s (default 25)")
+    s.add_argument("--memory-gbps", type=float, help="device memory bandwidth, GB/s (default 2000)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
