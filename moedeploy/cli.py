@@ -41,6 +41,14 @@ def _read_text(path: str, flag: str) -> str:
     return text
 
 
+def int_list(text: str, flag: str) -> list[int]:
+    """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"{flag} takes comma-separated integers, got {text!r}") from ex
+
+
 def _recording(model, path: str | None):
     """Record the routing of everything run inside, into `path` (Parquet); nothing when path is None."""
     from contextlib import nullcontext

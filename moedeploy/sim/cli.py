@@ -12,14 +12,8 @@ from .replay import CostModel, replay
 SWEEP_POLICIES = ("lru", "lfu", "fifo", "lifo", "belady")
 
 
-def _capacities(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"--capacity takes comma-separated integers, got {text!r}") from ex
-
-
 def cmd_simulate(args) -> int:
+    from ..cli import int_list
     from ..trace import load_trace
 
     trace = load_trace(args.trace)
@@ -31,7 +25,7 @@ def cmd_simulate(args) -> int:
     cost = replace(CostModel(), **{k: v for k, v in (("expert_bytes", args.expert_bytes), ("link_gbps", args.link_gbps),
                                                        ("memory_gbps", args.memory_gbps)) if v is not None})
     policies = SWEEP_POLICIES if args.sweep else (args.policy,)
-    capacities = _capacities("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16")
+    capacities = int_list("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16", "--capacity")
     results = [replay(trace, policy, c, cost, progress=not args.json) for policy in policies for c in capacities]
     out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "layers": trace.meta.num_layers,
            "experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "cost_model": cost.__dict__,

@@ -22,13 +22,6 @@ from pathlib import Path
 from ..errors import MoeDeployError, TraceError
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"expected comma-separated integers, got {text!r}") from ex
-
-
 def cmd_trace(args) -> int:
     import torch
     from tqdm.auto import tqdm
@@ -111,6 +104,7 @@ def _open_all(paths: list[str]):
 
 
 def cmd_analyze(args) -> int:
+    from ..cli import int_list
     from .report import analyze_aggregate, analyze_trace, write_report
     from .schema import Trace
 
@@ -118,8 +112,8 @@ def cmd_analyze(args) -> int:
     trace = _open_all(args.traces)
     read = time.perf_counter() - start
     if isinstance(trace, Trace):
-        cache_sizes = _ints(args.cache_sizes) if args.cache_sizes else None
-        batch_sizes = _ints(args.batch_sizes) if args.batch_sizes else None
+        cache_sizes = int_list(args.cache_sizes, "--cache-sizes") if args.cache_sizes else None
+        batch_sizes = int_list(args.batch_sizes, "--batch-sizes") if args.batch_sizes else None
         try:
             train = tuple(d for d in (args.train_domains or "").split(",") if d)
             analysis = analyze_trace(trace, cache_sizes, batch_sizes, train_domains=train)
