@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache.budget import CacheConfig
 from .errors import OptionError
 from .layer import Gating
 from .static_gating import Capacity
@@ -41,7 +42,7 @@ class LoadOptions:
     device: torch.device
     dtype: torch.dtype | None  # None: the checkpoint's own dtype
     gating: Gating
-    cache: object = None  # cache.CacheConfig when an expert memory budget is set
+    cache: CacheConfig | None = None  # set when an expert memory budget is
 
     @classmethod
     def build(cls, device="cpu", dtype="auto", gating="dynamic", capacity_factor=None, capacity_fraction=None,
