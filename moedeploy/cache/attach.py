@@ -15,6 +15,9 @@ def _expert_bytes(layer: MoELayer) -> int:
 
 
 def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[SlotPool]:
+    if device.type != "cpu":
+        raise OptionError(f"expert buffering on {device.type} is not implemented yet (it needs a pinned host store "
+                          "and side-stream copies); use device='cpu', or no expert_memory budget")
     if any(layer.gating.mode != "dynamic" for layer in layers):
         raise OptionError("an expert memory budget needs gating='dynamic' (static gating runs every expert)")
     sizes = {_expert_bytes(layer) for layer in layers}

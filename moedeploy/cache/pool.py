@@ -6,7 +6,8 @@ misses from the host store (the layer's full `ExpertBank` in host memory) and ev
 policy picks among residents the caller does not need now; it returns each key's slot.
 
 On CPU the copies are real copies into the slot memory, so the logic and statistics are those of a
-device cache. Read-only weights are never copied back. CUDA side streams are not implemented yet.
+device cache. Read-only weights are never copied back. CUDA (a pinned host store, side-stream
+copies) is not implemented yet: `attach_cache` refuses other devices.
 """
 
 from __future__ import annotations
