@@ -188,6 +188,7 @@ def cmd_make_tiny(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import cache as bench_cache
     from .bench import layer as bench_layer
     from .sim.cli import add_commands as add_sim_commands
     from .trace.cli import add_commands as add_trace_commands
@@ -210,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     bl = bsub.add_parser("layer", help="one MoE layer: dynamic vs static gating vs transformers' experts")
     bench_layer.add_arguments(bl)
     bl.set_defaults(func=bench_layer.run)
+    bc = bsub.add_parser("cache", help="decoding under expert-memory budgets vs every expert resident")
+    bench_cache.add_arguments(bc)
+    bc.set_defaults(func=bench_cache.run)
 
     e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
     e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")

@@ -121,3 +121,13 @@ def test_generate_json_reports_cache_stats(tiny, capsys):
 def test_bad_budgets(tiny, options, message):
     with pytest.raises(OptionError, match=message):
         moedeploy.load(tiny("qwen3_moe"), **options)
+
+
+def test_bench_cache_smoke(tiny, capsys):
+    from moedeploy.cli import main
+
+    assert main(["bench", "cache", "--model", str(tiny("qwen3_moe")), "--budgets", "0.5", "--policies", "lru",
+                 "--new-tokens", "4", "--rounds", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["budget"] for r in rows] == [None, 0.5] and all(r["identical"] for r in rows)
+    assert rows[1]["peak_resident_bytes"] <= rows[1]["budget_bytes"]

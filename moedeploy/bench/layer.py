@@ -452,7 +452,7 @@ def summarize(setting: Setting, rows: tuple[Row, ...]) -> Summary:
     )
 
 
-def _machine() -> Machine:
+def machine() -> Machine:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -481,7 +481,7 @@ def bench(config: Config, progress: Callable[[str], None] = lambda line: None) -
             reports.append(SettingReport(setting, setting.num_experts * config.sizes.expert_bytes(), rows,
                                          summarize(setting, rows)))
     return Report("moedeploy bench layer", datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  _machine(), config, tuple(reports))
+                  machine(), config, tuple(reports))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -100,6 +100,15 @@ class SlotPool:
                 dst[slot].copy_(src[expert])
         self.stats.stall_s += time.perf_counter() - start
 
+    def reset(self) -> None:
+        """Empty every slot and forget the statistics (a cold start)."""
+        for key in list(self.slot_of):
+            self.policy.on_evict(key)
+        self.slot_of.clear()
+        self.free = list(range(self.num_slots))
+        self.stats = CacheStats()
+        self._now = 0
+
     def note_streaming(self, needed: int) -> None:
         """A layer call needs more experts than there are slots: they stream through in chunks. Say so once."""
         if self.stats.streamed_calls == 0:
