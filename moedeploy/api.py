@@ -44,10 +44,9 @@ class Runtime:
         dense = sum(p.numel() for p in model.parameters())  # routed experts are buffers, not here
         expert = active_expert = 0
         for layer in self.layers.values():
-            bank = layer.experts
-            n = sum(t.numel() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out) if t is not None)
+            n = sum(t.numel() for t in layer.experts.tensors())
             expert += n
-            active_expert += n * layer.router.top_k / bank.num_experts
+            active_expert += n * layer.router.top_k / layer.experts.num_experts
         total = dense + expert
         return {"total": total, "routed_expert": expert, "expert_share": round(expert / total, 4),
                 "active_per_token": int(dense + active_expert)}
@@ -103,8 +102,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     pools = []
     if expert_memory is not None:
-        total = sum(t.numel() * t.element_size() for m in layers.values()
-                    for t in (m.experts.w_in, m.experts.w_out, m.experts.b_in, m.experts.b_out) if t is not None)
+        total = sum(m.experts.expert_bytes() * m.experts.num_experts for m in layers.values())
         cache = CacheConfig(budget_bytes=parse_budget(expert_memory, total), policy=policy or "lru",
                             scope=cache_scope or "layer")
         make_policy(cache.policy)  # validates the name before any memory is allocated

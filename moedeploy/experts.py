@@ -60,3 +60,11 @@ class ExpertBank(nn.Module):
     @property
     def intermediate_size(self) -> int:
         return self.w_out.shape[2]
+
+    def tensors(self) -> tuple[Tensor, ...]:
+        """The stacked [E, ...] tensors this bank has (biases only where present)."""
+        return tuple(t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None)
+
+    def expert_bytes(self) -> int:
+        """Bytes of one expert's weights and biases."""
+        return sum(t[0].numel() * t.element_size() for t in self.tensors())

@@ -30,10 +30,7 @@ def run(model, family, ids):
 
 def one_expert_per_layer(model) -> int:
     layer = next(iter(model.moedeploy.layers.values()))
-    bank = layer.experts
-    per_expert = sum(t[0].numel() * t.element_size() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out)
-                     if t is not None)
-    return per_expert * len(model.moedeploy.layers)
+    return layer.experts.expert_bytes() * len(model.moedeploy.layers)
 
 
 @pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lifo"])

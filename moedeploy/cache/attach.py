@@ -9,20 +9,15 @@ from .policies import make_policy
 from .pool import SlotPool
 
 
-def _expert_bytes(layer: MoELayer) -> int:
-    bank = layer.experts
-    return sum(t[0].numel() * t.element_size() for t in (bank.w_in, bank.w_out, bank.b_in, bank.b_out) if t is not None)
-
-
 def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[SlotPool]:
     if device.type != "cpu":
         raise OptionError(f"expert buffering on {device.type} is not implemented yet (it needs a pinned host store "
                           "and side-stream copies); use device='cpu', or no expert_memory budget")
     if any(layer.gating.mode != "dynamic" for layer in layers):
         raise OptionError("an expert memory budget needs gating='dynamic' (static gating runs every expert)")
-    sizes = {_expert_bytes(layer) for layer in layers}
+    sizes = {layer.experts.expert_bytes() for layer in layers}
     per_expert = max(sizes)
-    total = sum(_expert_bytes(layer) * layer.experts.num_experts for layer in layers)
+    total = sum(layer.experts.expert_bytes() * layer.experts.num_experts for layer in layers)
     if config.budget_bytes > device_bytes(device):
         raise OptionError(f"expert memory budget of {config.budget_bytes:,} bytes is larger than the {device.type} "
                           f"device's {device_bytes(device):,} bytes")

@@ -53,8 +53,7 @@ class SlotPool:
         self.num_slots = num_slots
         self.policy = policy
         self.slots = None if like is None else _slot_bank(like, num_slots, device)
-        self.expert_bytes = expert_bytes if like is None else sum(
-            t[0].numel() * t.element_size() for t in (like.w_in, like.w_out, like.b_in, like.b_out) if t is not None)
+        self.expert_bytes = expert_bytes if like is None else like.expert_bytes()
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots))
         self.stores: dict[int, ExpertBank] = {}  # layer -> its experts in host memory
@@ -94,10 +93,8 @@ class SlotPool:
         layer, expert = key
         store = self.stores[layer]
         start = time.perf_counter()
-        for dst, src in ((self.slots.w_in, store.w_in), (self.slots.w_out, store.w_out),
-                         (self.slots.b_in, store.b_in), (self.slots.b_out, store.b_out)):
-            if src is not None:
-                dst[slot].copy_(src[expert])
+        for dst, src in zip(self.slots.tensors(), store.tensors(), strict=True):  # slots are shaped like the store
+            dst[slot].copy_(src[expert])
         self.stats.stall_s += time.perf_counter() - start
 
     def reset(self) -> None:
