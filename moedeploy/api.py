@@ -12,7 +12,7 @@ from .errors import OptionError
 from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
-from .store import Checkpoint
+from .store import STORES, Checkpoint
 
 
 @dataclass
@@ -64,6 +64,7 @@ class Runtime:
         total["budget_bytes"] = self.options.cache.budget_bytes
         total["policy"] = self.options.cache.policy
         total["scope"] = self.options.cache.scope
+        total["store"] = self.options.expert_store
         return total
 
     def reset_stats(self) -> None:
@@ -76,7 +77,8 @@ DEMO_MODEL = Path(__file__).parent / "data" / "demo"
 
 def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic",
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
-         expert_memory=None, policy: str | None = None, cache_scope: str | None = None) -> nn.Module:
+         expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
+         expert_store: str | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -92,11 +94,17 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     of all expert bytes such as 0.25); the rest stay in host memory and are copied in when needed.
     policy: which resident expert to evict: "lru" (default), "lfu", "fifo", "lifo" (the paper's).
     cache_scope: "layer" (an equal share per MoE layer, default) or "global" (one pool for all).
+    expert_store: where the non-resident experts wait: "host" memory (default; loaded once) or "disk"
+    (the checkpoint's safetensors files, memory-mapped and read one expert per miss: for experts
+    larger than host memory).
     """
-    if expert_memory is None and (policy is not None or cache_scope is not None):
-        raise OptionError("policy and cache_scope apply only with an expert_memory budget")
+    if expert_memory is None and (policy is not None or cache_scope is not None or expert_store is not None):
+        raise OptionError("policy, cache_scope and expert_store apply only with an expert_memory budget")
+    if expert_store is not None and expert_store not in STORES:
+        raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
+    opts = replace(opts, expert_store=expert_store or "host")
     path = DEMO_MODEL if path is None else Path(path)
     model, family = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}

@@ -68,6 +68,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
     p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
     p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
+    p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
 
 
 def _load_options(args) -> dict:
@@ -79,7 +80,7 @@ def _load_options(args) -> dict:
             pass  # a size with a unit: parsed by the cache
     return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
-                policy=args.policy, cache_scope=args.cache_scope)
+                policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store)
 
 
 def cmd_generate(args) -> int:
@@ -171,7 +172,8 @@ def cmd_train_demo(args) -> int:
     from .demo.data import load_corpus
     from .demo.train import TrainConfig, train
 
-    cfg = replace(TrainConfig(), steps=args.steps, threads=args.threads, seed=args.seed)
+    given = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v is not None}
+    cfg = replace(TrainConfig(), seed=args.seed, **given)
     report = train(Path(args.out), load_corpus(Path(args.cache)), cfg, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({k: v for k, v in report.items() if k != "history"}))
     return 0
@@ -227,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 45 minutes on 2 cores)")
     tr.add_argument("--out", required=True)
     tr.add_argument("--cache", default=os.path.expanduser("~/.cache/moedeploy"), help="where the text is downloaded")
-    tr.add_argument("--steps", type=int, default=2000)
-    tr.add_argument("--threads", type=int, default=2)
+    tr.add_argument("--steps", type=int, help="default: TrainConfig.steps (3600)")
+    tr.add_argument("--threads", type=int, help="default: TrainConfig.threads (2)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train_demo)
 

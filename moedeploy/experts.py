@@ -49,6 +49,11 @@ class ExpertBank(nn.Module):
         self.register_buffer("b_out", b_out)
         self.activation = activation
 
+    def _apply(self, fn, recurse=True):
+        if self.w_in.is_meta:  # experts kept in a store elsewhere (the disk tier): nothing here to move
+            return self
+        return super()._apply(fn, recurse)
+
     @property
     def num_experts(self) -> int:
         return self.w_in.shape[0]

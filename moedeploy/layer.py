@@ -78,6 +78,8 @@ class MoELayer(nn.Module):
         # this layer's index in the pool's keys; None when every expert is resident.
         self.pool = None
         self.pool_index = 0
+        # Where this layer's experts wait for the pool (store.HostStore or store.DiskStore); set by the loader.
+        self.store = None
 
     @property
     def capacity_per_sequence(self) -> bool:

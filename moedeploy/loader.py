@@ -3,7 +3,8 @@
 1. The transformers model is built on the meta device: no memory, no random init.
 2. Each MoE block is replaced by a `MoELayer` whose router and experts are read from the safetensors
    files by name, one expert at a time, into the uniform expert layout. The block's shared experts
-   keep their transformers modules and names.
+   keep their transformers modules and names. With the disk store (`expert_store="disk"`), experts
+   stay in the memory-mapped checkpoint and the layer's bank holds their shapes only (meta device).
 3. Every other tensor is read by name; non-persistent buffers (rotary frequencies, sinusoidal
    positions) are recomputed by the model's own `_init_weights`; tied weights are tied.
 4. Anything still on the meta device means the checkpoint lacks it: a clear error, no model.
@@ -26,7 +27,7 @@ from .models.base import router_module
 from .models.verify import verify_block
 from .options import LoadOptions
 from .routing import Router
-from .store import Checkpoint
+from .store import Checkpoint, DiskStore, HostStore
 
 
 def read_config(ckpt: Checkpoint):
@@ -66,26 +67,12 @@ def _read_router(ckpt: Checkpoint, family: Family, config, block: nn.Module, pre
     return Router(family.rule(config, block), weight, bias, correction, logits_dtype=family.logits_dtype_for(config))
 
 
-def _read_experts(ckpt: Checkpoint, family: Family, config, block: nn.Module, prefix: str, E: int,
-                  dtype: torch.dtype) -> ExpertBank:
+def _expert_store(ckpt: Checkpoint, family: Family, config, block: nn.Module, prefix: str, E: int) -> DiskStore:
     layout = next((lay for lay in family.layouts if lay.present(ckpt, prefix)), None)
     if layout is None:
         raise CheckpointError(f"{ckpt.root}: no expert tensors found under {prefix} in any known layout")
     D, I = family.dims(block)
-    activation = family.activation(config, block)
-    N = 2 * I if activation.gated else I
-    w_in, w_out = torch.empty(E, N, D, dtype=dtype), torch.empty(E, D, I, dtype=dtype)
-    b_in = b_out = None
-    for e in range(E):  # one expert at a time: never the whole layer twice in memory
-        t = layout.read(ckpt, prefix, e, D, I)
-        w_in[e], w_out[e] = t.w_in, t.w_out
-        if t.b_in is not None:
-            b_in = torch.empty(E, N, dtype=dtype) if b_in is None else b_in
-            b_in[e] = t.b_in
-        if t.b_out is not None:
-            b_out = torch.empty(E, D, dtype=dtype) if b_out is None else b_out
-            b_out[e] = t.b_out
-    return ExpertBank(w_in, w_out, activation, b_in, b_out)
+    return DiskStore(ckpt, layout, prefix, E, D, I, family.activation(config, block))
 
 
 def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module, opts: LoadOptions,
@@ -94,9 +81,15 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     E = block.experts.num_experts
     D, _ = family.dims(block)
     router = _read_router(ckpt, family, config, block, prefix, E, D, dtype)
-    experts = _read_experts(ckpt, family, config, block, prefix, E, dtype)
+    disk = _expert_store(ckpt, family, config, block, prefix, E)
+    if opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
+        experts, store = disk.bank(dtype, device="meta"), disk
+    else:
+        experts = disk.bank(dtype)
+        store = HostStore(experts)
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate)
+    layer.store = store
     family.configure(layer, config)
     return layer
 
@@ -118,10 +111,13 @@ def _keep_fp32(model: nn.Module, name: str) -> bool:
 
 
 def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> None:
-    """Read every tensor still on the meta device by name; recompute non-persistent buffers."""
+    """Read every tensor still on the meta device by name; recompute non-persistent buffers. Expert
+    banks of the disk tier stay on the meta device."""
+    on_disk = {f"{path}.experts.{name}" for path, m in model.named_modules() if isinstance(m, MoELayer)
+               and isinstance(m.store, DiskStore) for name, _ in m.experts.named_buffers()}
     entries = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in entries:
-        if not tensor.is_meta:
+        if not tensor.is_meta or name in on_disk:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
@@ -138,7 +134,7 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> N
             value = value.to(dtype)
         _set_tensor(model, name, value)
     model.tie_weights()
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta and n not in on_disk]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt.root}: the checkpoint lacks {len(missing)} tensors the model needs: {shown}")

@@ -43,6 +43,7 @@ class LoadOptions:
     dtype: torch.dtype | None  # None: the checkpoint's own dtype
     gating: Gating
     cache: CacheConfig | None = None  # set when an expert memory budget is
+    expert_store: str = "host"  # where experts outside the device slots wait: "host" memory or "disk"
 
     @classmethod
     def build(cls, device="cpu", dtype="auto", gating="dynamic", capacity_factor=None, capacity_fraction=None,

@@ -66,6 +66,26 @@ def test_global_pool_is_bit_identical_and_within_budget(tiny):
     assert pool.stats.hits > 0 and pool.stats.misses > 0 and pool.stats.bytes_moved == pool.stats.misses * pool.expert_bytes
 
 
+@pytest.mark.parametrize("family,fused", [("qwen3_moe", False), ("qwen3_moe", True), ("gpt_oss", False),
+                                          ("deepseek_v3", False), ("switch_transformers", False), ("flex_olmo", False)])
+def test_disk_store_is_bit_identical_and_holds_no_experts_in_memory(tiny, family, fused):
+    """The disk tier reads each missed expert from the memory-mapped checkpoint (per-expert and fused
+    layouts, biases, shared experts, capacity drops, and a generic family checked against transformers
+    at load); the layers' own banks hold shapes only."""
+    path = tiny(family, fused=fused)
+    ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(2))
+    full = moedeploy.load(path, dtype="float32")
+    want = run(full, family, ids)
+    for budget in (one_expert_per_layer(full), 0.5):
+        model = moedeploy.load(path, dtype="float32", expert_memory=budget, expert_store="disk")
+        assert all(layer.experts.w_in.is_meta for layer in model.moedeploy.layers.values())
+        got = run(model, family, ids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), budget
+        stats = model.moedeploy.cache_stats()
+        assert stats["store"] == "disk" and stats["misses"] > 0
+        assert stats["bytes_moved"] == stats["misses"] * one_expert_per_layer(full) // len(model.moedeploy.layers)
+
+
 def test_demo_model_under_a_small_budget_is_bit_identical():
     from transformers import AutoTokenizer
 
@@ -114,6 +134,8 @@ def test_generate_json_reports_cache_stats(tiny, capsys):
     (dict(expert_memory=0.5, policy="random"), "unknown cache policy 'random'"),
     (dict(expert_memory=0.5, cache_scope="node"), "unknown cache scope 'node'"),
     (dict(policy="lru"), "apply only with an expert_memory budget"),
+    (dict(expert_store="disk"), "apply only with an expert_memory budget"),
+    (dict(expert_memory=0.5, expert_store="nvme"), "unknown expert store 'nvme'"),
     (dict(expert_memory=0.5, gating="static"), "needs gating='dynamic'"),
 ])
 def test_bad_budgets(tiny, options, message):

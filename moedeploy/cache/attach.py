@@ -41,6 +41,6 @@ def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[Sl
         pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device)
         for layer in group:
             layer.pool, layer.pool_index = pool, len(pool.stores)
-            pool.register(layer.pool_index, layer.experts)
+            pool.register(layer.pool_index, layer.store)
         pools.append(pool)
     return pools

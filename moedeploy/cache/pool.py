@@ -2,8 +2,10 @@
 
 A `SlotPool` has `num_slots` slots, each the size of one expert, stored as an `ExpertBank` whose
 first dimension is the slot. `acquire(keys)` makes the given (layer, expert) keys resident, loading
-misses from the host store (the layer's full `ExpertBank` in host memory) and evicting what the
-policy picks among residents the caller does not need now; it returns each key's slot.
+misses from the layer's store (store/experts.py: host memory or the memory-mapped checkpoint) and
+evicting what the policy picks among residents the caller does not need now; it returns each key's
+slot. `prefetch(keys)` loads predicted keys ahead of need: a later `acquire` of one is a hit (a
+useful prefetch), not a miss.
 
 On CPU the copies are real copies into the slot memory, so the logic and statistics are those of a
 device cache. Read-only weights are never copied back. CUDA (a pinned host store, side-stream
@@ -24,9 +26,12 @@ from .policies import Key, Policy
 @dataclass
 class CacheStats:
     hits: int = 0
-    misses: int = 0
-    bytes_moved: int = 0
-    stall_s: float = 0.0  # time spent copying experts in, on the critical path
+    misses: int = 0  # demand misses: the step waits for the copy (a stall)
+    prefetched: int = 0  # experts loaded ahead of need
+    prefetch_hits: int = 0  # demand hits on a prefetched expert, at its first use
+    bytes_moved: int = 0  # demand misses and prefetches
+    stall_s: float = 0.0  # time spent copying experts in on demand, on the critical path
+    prefetch_s: float = 0.0  # time spent copying prefetched experts (on CPU also on the critical path)
     streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
     resident_bytes: list[int] = field(default_factory=list)  # after every acquire
 
@@ -56,11 +61,12 @@ class SlotPool:
         self.expert_bytes = expert_bytes if like is None else like.expert_bytes()
         self.slot_of: dict[Key, int] = {}
         self.free = list(range(num_slots))
-        self.stores: dict[int, ExpertBank] = {}  # layer -> its experts in host memory
+        self.stores: dict[int, object] = {}  # layer -> its store (store.HostStore or store.DiskStore)
+        self.unused_prefetch: set[Key] = set()  # prefetched, not yet needed
         self.stats = CacheStats()
         self._now = 0
 
-    def register(self, layer: int, store: ExpertBank) -> None:
+    def register(self, layer: int, store) -> None:
         self.stores[layer] = store
 
     def acquire(self, keys: list[Key]) -> list[int]:
@@ -72,36 +78,57 @@ class SlotPool:
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1
+                if key in self.unused_prefetch:
+                    self.stats.prefetch_hits += 1
+                    self.unused_prefetch.discard(key)
                 self.policy.on_use(key, self._now)
                 continue
             self.stats.misses += 1
-            if not self.free:
-                victim = self.policy.victim([k for k in self.slot_of if k not in needed])
-                self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
-                self.policy.on_evict(victim)
-            slot = self.free.pop()
-            self._load(key, slot)
-            self.slot_of[key] = slot
-            self.policy.on_insert(key, self._now)
+            self.stats.stall_s += self._insert(key, needed)
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
         return [self.slot_of[k] for k in keys]
 
-    def _load(self, key: Key, slot: int) -> None:
+    def prefetch(self, keys: list[Key]) -> None:
+        """Load the keys that are not resident, best first, evicting only keys outside `keys`; at most
+        num_slots of them. The pool's clock does not advance: a prefetch is not an access."""
+        keys = list(dict.fromkeys(keys))[: self.num_slots]
+        wanted = set(keys)
+        for key in keys:
+            if key in self.slot_of:
+                continue
+            self.stats.prefetched += 1
+            self.unused_prefetch.add(key)
+            self.stats.prefetch_s += self._insert(key, wanted)
+
+    def _insert(self, key: Key, protected: set[Key]) -> float:
+        """Put `key` in a slot, evicting the policy's pick among residents outside `protected`; returns
+        the seconds the copy took."""
+        if not self.free:
+            victim = self.policy.victim([k for k in self.slot_of if k not in protected])
+            self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
+            self.policy.on_evict(victim)
+            self.unused_prefetch.discard(victim)
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.policy.on_insert(key, self._now)
+        return self._load(key, slot)
+
+    def _load(self, key: Key, slot: int) -> float:
         self.stats.bytes_moved += self.expert_bytes
         if self.slots is None:
-            return
+            return 0.0
         layer, expert = key
-        store = self.stores[layer]
         start = time.perf_counter()
-        for dst, src in zip(self.slots.tensors(), store.tensors(), strict=True):  # slots are shaped like the store
-            dst[slot].copy_(src[expert])
-        self.stats.stall_s += time.perf_counter() - start
+        for dst, src in zip(self.slots.tensors(), self.stores[layer].read(expert), strict=True):
+            dst[slot].copy_(src)  # converts to the model's dtype exactly as loading does
+        return time.perf_counter() - start
 
     def reset(self) -> None:
         """Empty every slot and forget the statistics (a cold start)."""
         for key in list(self.slot_of):
             self.policy.on_evict(key)
         self.slot_of.clear()
+        self.unused_prefetch.clear()
         self.free = list(range(self.num_slots))
         self.stats = CacheStats()
         self._now = 0

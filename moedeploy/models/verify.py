@@ -18,10 +18,10 @@ from ..layer import MoELayer
 from .base import router_module
 
 
-def _our_tensors(block: nn.Module, layer: MoELayer) -> dict[str, torch.Tensor]:
+def _our_tensors(block: nn.Module, layer: MoELayer, experts) -> dict[str, torch.Tensor]:
     router_name = "gate" if hasattr(block, "gate") else "router"
-    state = {f"{router_name}.weight": layer.router.weight, "experts.gate_up_proj": layer.experts.w_in,
-             "experts.down_proj": layer.experts.w_out}
+    state = {f"{router_name}.weight": layer.router.weight, "experts.gate_up_proj": experts.w_in,
+             "experts.down_proj": experts.w_out}
     if layer.router.bias is not None:
         state[f"{router_name}.bias"] = layer.router.bias
     for name, tensor in layer.state_dict().items():
@@ -32,7 +32,9 @@ def _our_tensors(block: nn.Module, layer: MoELayer) -> dict[str, torch.Tensor]:
 
 def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str) -> None:
     hf = copy.deepcopy(block).to_empty(device="cpu").float().eval()
-    state = _our_tensors(block, layer)
+    on_disk = layer.experts.w_in.is_meta  # the disk tier: read this one layer's experts for the check
+    experts = layer.store.bank(torch.float32) if on_disk else layer.experts
+    state = _our_tensors(block, layer, experts)
     needed = [n for n, _ in hf.named_parameters()] + [
         n for n, b in hf.named_buffers() if n.rpartition(".")[2] not in getattr(
             hf.get_submodule(n.rpartition(".")[0]), "_non_persistent_buffers_set", set())]
@@ -43,7 +45,8 @@ def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str)
             f"does not know how to use ({', '.join(unknown)}); this family needs an adapter in moedeploy/models/"
         )
     hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    ours = copy.deepcopy(layer).float()
+    ours = copy.deepcopy(layer, memo={id(layer.store): layer.store}).float()  # a store holds open files: shared
+    ours.experts = experts.float()
     x = torch.randn(2, 9, layer.experts.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(x)
