@@ -39,10 +39,11 @@ class TrainConfig:
     moe_intermediate: int = 128
     context: int = 256
     batch: int = 16  # sequences per step
-    steps: int = 2000
+    steps: int = 3600
     lr: float = 3e-3
     warmup: int = 100
     weight_decay: float = 0.1
+    dropout: float = 0.1  # on each attention and MoE output before the residual add (training only)
     aux_coef: float = 0.01  # starting coefficient of the load-balancing loss
     skew_band: tuple[float, float] = (0.48, 0.58)  # target top-quarter share of routed tokens
     skew_every: int = 25
@@ -101,6 +102,25 @@ def load_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> to
     return torch.stack(losses).mean()
 
 
+def add_residual_dropout(model: T.PreTrainedModel, p: float) -> None:
+    """Dropout on every attention and MoE block output, as GPT-2 does; Qwen3-MoE's config has none.
+
+    About 3M tokens of text seen for several epochs: without it the model memorises the training
+    plays (1.66 bits per byte on Hamlet against 2.05 on the held-out plays after 2000 steps).
+    Forward hooks act only in training mode and are not saved with the checkpoint.
+    """
+    def drop(module, args, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):  # attention: (hidden, weights)
+            return (torch.nn.functional.dropout(output[0], p, True),) + output[1:]
+        return torch.nn.functional.dropout(output, p, True)
+
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(drop)
+        layer.mlp.register_forward_hook(drop)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -123,6 +143,8 @@ def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print
     config = model_config(cfg, eos)
     model = T.Qwen3MoeForCausalLM(config).float().train()
     model.config._experts_implementation = "grouped_mm"
+    if cfg.dropout:
+        add_residual_dropout(model, cfg.dropout)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
