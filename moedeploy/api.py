@@ -65,6 +65,7 @@ class Runtime:
         total["policy"] = self.options.cache.policy
         total["scope"] = self.options.cache.scope
         total["store"] = self.options.expert_store
+        total["pinned"] = sum(len(pool.pinned) for pool in self.pools)
         return total
 
     def reset_stats(self) -> None:
@@ -78,7 +79,7 @@ DEMO_MODEL = Path(__file__).parent / "data" / "demo"
 def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic",
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
-         expert_store: str | None = None) -> nn.Module:
+         expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -97,9 +98,15 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     expert_store: where the non-resident experts wait: "host" memory (default; loaded once) or "disk"
     (the checkpoint's safetensors files, memory-mapped and read one expert per miss: for experts
     larger than host memory).
+    pin: a routing trace recorded from this model (`moedeploy eval-ppl --trace FILE`): its hottest
+    experts stay resident for good, filling `pin_fraction` (default 0.5) of each pool's slots.
     """
-    if expert_memory is None and (policy is not None or cache_scope is not None or expert_store is not None):
-        raise OptionError("policy, cache_scope and expert_store apply only with an expert_memory budget")
+    cache_options = dict(policy=policy, cache_scope=cache_scope, expert_store=expert_store, pin=pin,
+                         pin_fraction=pin_fraction)
+    if expert_memory is None and any(v is not None for v in cache_options.values()):
+        raise OptionError(f"{', '.join(cache_options)} apply only with an expert_memory budget")
+    if pin_fraction is not None and pin is None:
+        raise OptionError("pin_fraction needs pin=<routing trace of this model>")
     if expert_store is not None and expert_store not in STORES:
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
@@ -112,9 +119,10 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     if expert_memory is not None:
         total = sum(m.experts.expert_bytes() * m.experts.num_experts for m in layers.values())
         cache = CacheConfig(budget_bytes=parse_budget(expert_memory, total), policy=policy or "lru",
-                            scope=cache_scope or "layer")
+                            scope=cache_scope or "layer", pin_profile=None if pin is None else str(pin),
+                            pin_fraction=0.5 if pin_fraction is None else pin_fraction)
         make_policy(cache.policy)  # validates the name before any memory is allocated
-        pools = attach_cache(list(layers.values()), cache, opts.device)
+        pools = attach_cache(layers, cache, opts.device)
         opts = replace(opts, cache=cache)
     model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools)
     return model

@@ -69,6 +69,8 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
     p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
     p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
+    p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
+    p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
 
 
 def _load_options(args) -> dict:
@@ -80,7 +82,8 @@ def _load_options(args) -> dict:
             pass  # a size with a unit: parsed by the cache
     return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
-                policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store)
+                policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
+                pin_fraction=args.pin_fraction)
 
 
 def cmd_generate(args) -> int:

@@ -136,12 +136,13 @@ class MoELayer(nn.Module):
         per_expert = counts.tolist()  # host sync: the cache decides on the host what to fetch
         needed = [e for e, n in enumerate(per_expert) if n]
         pairs = torch.zeros(routing.ids.numel(), x.shape[-1], dtype=x.dtype, device=x.device)  # [T*K, D]
-        if len(needed) > S:
+        chunks = self.pool.chunks([(self.pool_index, e) for e in needed])
+        if len(chunks) > 1:
             self.pool.note_streaming(len(needed))
-        for start in range(0, len(needed), S):
-            chunk = needed[start : start + S]
+        for keys in chunks:
+            chunk = [e for _, e in keys]
             with _label("moe.transfer"):
-                slots = self.pool.acquire([(self.pool_index, e) for e in chunk])
+                slots = self.pool.acquire(keys)
             remap = torch.full((E + 1,), S, dtype=torch.long, device=x.device)  # experts outside the chunk -> dropped
             remap[torch.tensor(chunk, device=x.device)] = torch.tensor(slots, device=x.device)
             with _label("moe.dispatch"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +152,53 @@ def test_bench_cache_smoke(tiny, capsys):
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["budget"] for r in rows] == [None, 0.5] and all(r["identical"] for r in rows)
     assert rows[1]["peak_resident_bytes"] <= rows[1]["budget_bytes"]
+
+
+def _profile(model, ids, path):
+    from moedeploy.trace import record, write_trace
+
+    with torch.inference_mode(), record(model) as rec:
+        model(input_ids=ids)
+    return write_trace(rec.trace(), path)
+
+
+def test_pinned_experts_from_a_profile_stay_resident_and_outputs_stay_identical(tmp_path):
+    from moedeploy.trace import load_trace
+    from moedeploy.trace.stats import expert_load
+
+    full = moedeploy.load()
+    ids = torch.randint(3, 4000, (2, 40), generator=torch.Generator().manual_seed(3))
+    profile = _profile(full, ids, tmp_path / "profile.parquet")
+    want = run(full, "qwen3_moe", ids)
+    model = moedeploy.load(expert_memory=0.25, pin=profile, pin_fraction=0.5)  # 8 slots per layer, 4 pinned
+    load = expert_load(load_trace(profile).experts, 32)  # [L, E]
+    for i, pool in enumerate(model.moedeploy.pools):
+        hottest = set(np.argsort(-load[i], kind="stable")[:4].tolist())
+        assert {e for _, e in pool.pinned} == hottest
+    got = run(model, "qwen3_moe", ids)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    stats = model.moedeploy.cache_stats()
+    assert stats["pinned"] == 4 * len(model.moedeploy.pools) and stats["streamed_calls"] > 0
+    for pool in model.moedeploy.pools:
+        assert pool.pinned <= set(pool.slot_of)  # never evicted, even while experts streamed through
+        assert max(pool.stats.resident_bytes) <= stats["budget_bytes"] // len(model.moedeploy.pools)
+        pool.reset()
+        assert pool.pinned <= set(pool.slot_of) and len(pool.slot_of) == len(pool.pinned)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(pin_fraction=1.0), "below 1"),
+    (dict(pin_fraction=-0.1), "at least 0"),
+])
+def test_bad_pin_fractions(tmp_path, options, message):
+    profile = _profile(moedeploy.load(), torch.arange(3, 20).view(1, -1), tmp_path / "p.parquet")
+    with pytest.raises(OptionError, match=message):
+        moedeploy.load(expert_memory=0.25, pin=profile, **options)
+
+
+def test_a_profile_of_another_model_is_refused(tiny, tmp_path):
+    profile = _profile(moedeploy.load(tiny("mixtral")), torch.arange(3, 20).view(1, -1), tmp_path / "p.parquet")
+    with pytest.raises(OptionError, match="recorded from another model"):
+        moedeploy.load(expert_memory=0.25, pin=profile)
+    with pytest.raises(OptionError, match="needs pin="):
+        moedeploy.load(expert_memory=0.25, pin_fraction=0.5)

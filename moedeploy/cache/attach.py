@@ -1,15 +1,18 @@
-"""Give a loaded model's MoE layers slot pools under a budget: per layer, or one pool for all."""
+"""Give a loaded model's MoE layers slot pools under a budget: per layer, or one pool for all; pin
+the hottest experts of a routing profile if one is given."""
 
 from __future__ import annotations
 
 from ..errors import OptionError
 from ..layer import MoELayer
 from .budget import CacheConfig, device_bytes
+from .pinning import hottest, profile_load
 from .policies import make_policy
 from .pool import SlotPool
 
 
-def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[SlotPool]:
+def attach_cache(named: dict[str, MoELayer], config: CacheConfig, device) -> list[SlotPool]:
+    layers = list(named.values())
     if device.type != "cpu":
         raise OptionError(f"expert buffering on {device.type} is not implemented yet (it needs a pinned host store "
                           "and side-stream copies); use device='cpu', or no expert_memory budget")
@@ -36,11 +39,17 @@ def attach_cache(layers: list[MoELayer], config: CacheConfig, device) -> list[Sl
         raise OptionError(f"expert memory budget of {config.budget_bytes:,} bytes holds no expert per "
                           f"{'model' if config.scope == 'global' else 'layer'}: at least {need:,} bytes are needed "
                           f"(of {total:,} bytes of experts)")
+    load = None
+    if config.pin_profile is not None:
+        load = profile_load(config.pin_profile, list(named), layers[0].experts.num_experts)  # [L, E]
     pools = []
     for group in groups:
         pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device)
         for layer in group:
             layer.pool, layer.pool_index = pool, len(pool.stores)
             pool.register(layer.pool_index, layer.store)
+        if load is not None:
+            first = layers.index(group[0])  # keys are (index in the pool, expert); the pool's layers are consecutive
+            pool.pin(hottest(load[first : first + len(group)], list(range(len(group))), slots, config.pin_fraction))
         pools.append(pool)
     return pools

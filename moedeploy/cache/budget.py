@@ -46,6 +46,8 @@ class CacheConfig:
     budget_bytes: int  # for all resident experts together
     policy: str = "lru"
     scope: str = "layer"  # "layer": an equal share of slots per MoE layer; "global": one pool for all layers
+    pin_profile: str | None = None  # a routing trace of this model: pin its hottest experts (pinning.py)
+    pin_fraction: float = 0.5  # share of each pool's slots given to pinned experts
 
     def __post_init__(self):
         if self.scope not in SCOPES:

@@ -63,15 +63,35 @@ class SlotPool:
         self.free = list(range(num_slots))
         self.stores: dict[int, object] = {}  # layer -> its store (store.HostStore or store.DiskStore)
         self.unused_prefetch: set[Key] = set()  # prefetched, not yet needed
+        self.pinned: set[Key] = set()  # resident for good (cache/pinning.py)
         self.stats = CacheStats()
         self._now = 0
 
     def register(self, layer: int, store) -> None:
         self.stores[layer] = store
 
+    def pin(self, keys: list[Key]) -> None:
+        """Load `keys` and never evict them. Part of setting up: the statistics start after it."""
+        assert len(self.pinned) + len(keys) < self.num_slots, "one slot at least stays under the policy"
+        for key in keys:
+            if key not in self.slot_of:
+                self._insert(key, self.pinned | {key})
+            self.pinned.add(key)
+        self.stats = CacheStats()
+
+    def chunks(self, keys: list[Key]) -> list[list[Key]]:
+        """Split one step's distinct keys into chunks that `acquire` can hold at once: pinned keys ride
+        in the first chunk, the others fill the unpinned slots."""
+        room = self.num_slots - len(self.pinned)
+        others = [k for k in keys if k not in self.pinned]
+        chunks = [others[i : i + room] for i in range(0, len(others), room)] or [[]]
+        chunks[0] = [k for k in keys if k in self.pinned] + chunks[0]
+        return chunks
+
     def acquire(self, keys: list[Key]) -> list[int]:
-        """Slots of `keys` (at most num_slots distinct keys), loading misses; the order of `keys` is kept."""
-        assert len(keys) <= self.num_slots, "the caller splits a step into chunks that fit"
+        """Slots of `keys` (one of `chunks(...)`), loading misses; the order of `keys` is kept."""
+        assert len([k for k in keys if k not in self.pinned]) <= self.num_slots - len(self.pinned), \
+            "the caller splits a step into chunks that fit"
         self._now += 1
         self.policy.tick(self._now)
         needed = set(keys)
@@ -91,7 +111,7 @@ class SlotPool:
     def prefetch(self, keys: list[Key]) -> None:
         """Load the keys that are not resident, best first, evicting only keys outside `keys`; at most
         num_slots of them. The pool's clock does not advance: a prefetch is not an access."""
-        keys = list(dict.fromkeys(keys))[: self.num_slots]
+        keys = [k for k in dict.fromkeys(keys) if k not in self.pinned][: self.num_slots - len(self.pinned)]
         wanted = set(keys)
         for key in keys:
             if key in self.slot_of:
@@ -104,7 +124,7 @@ class SlotPool:
         """Put `key` in a slot, evicting the policy's pick among residents outside `protected`; returns
         the seconds the copy took."""
         if not self.free:
-            victim = self.policy.victim([k for k in self.slot_of if k not in protected])
+            victim = self.policy.victim([k for k in self.slot_of if k not in protected and k not in self.pinned])
             self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
             self.policy.on_evict(victim)
             self.unused_prefetch.discard(victim)
@@ -124,12 +144,11 @@ class SlotPool:
         return time.perf_counter() - start
 
     def reset(self) -> None:
-        """Empty every slot and forget the statistics (a cold start)."""
-        for key in list(self.slot_of):
+        """Empty every unpinned slot and forget the statistics (a cold start; pinned experts stay)."""
+        for key in [k for k in self.slot_of if k not in self.pinned]:
             self.policy.on_evict(key)
-        self.slot_of.clear()
+            self.free.append(self.slot_of.pop(key))
         self.unused_prefetch.clear()
-        self.free = list(range(self.num_slots))
         self.stats = CacheStats()
         self._now = 0
 
