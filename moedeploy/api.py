@@ -12,6 +12,7 @@ from .errors import OptionError
 from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
+from .predict.lookahead import PREFETCHERS, attach_lookahead
 from .store import STORES, Checkpoint
 
 
@@ -66,6 +67,7 @@ class Runtime:
         total["scope"] = self.options.cache.scope
         total["store"] = self.options.expert_store
         total["pinned"] = sum(len(pool.pinned) for pool in self.pools)
+        total["prefetch"] = self.options.cache.prefetch
         return total
 
     def reset_stats(self) -> None:
@@ -79,7 +81,8 @@ DEMO_MODEL = Path(__file__).parent / "data" / "demo"
 def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: str = "dynamic",
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
-         expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None) -> nn.Module:
+         expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
+         prefetch: str | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -100,13 +103,17 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     larger than host memory).
     pin: a routing trace recorded from this model (`moedeploy eval-ppl --trace FILE`): its hottest
     experts stay resident for good, filling `pin_fraction` (default 0.5) of each pool's slots.
+    prefetch: "lookahead": after each MoE layer, the next layer's router scores the current hidden
+    states and the experts it would pick are copied in ahead of need (predict/lookahead.py).
     """
     cache_options = dict(policy=policy, cache_scope=cache_scope, expert_store=expert_store, pin=pin,
-                         pin_fraction=pin_fraction)
+                         pin_fraction=pin_fraction, prefetch=prefetch)
     if expert_memory is None and any(v is not None for v in cache_options.values()):
         raise OptionError(f"{', '.join(cache_options)} apply only with an expert_memory budget")
     if pin_fraction is not None and pin is None:
         raise OptionError("pin_fraction needs pin=<routing trace of this model>")
+    if prefetch is not None and prefetch not in PREFETCHERS:
+        raise OptionError(f"unknown prefetcher {prefetch!r}; choose one of: {', '.join(PREFETCHERS)}")
     if expert_store is not None and expert_store not in STORES:
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
@@ -120,9 +127,11 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         total = sum(m.experts.expert_bytes() * m.experts.num_experts for m in layers.values())
         cache = CacheConfig(budget_bytes=parse_budget(expert_memory, total), policy=policy or "lru",
                             scope=cache_scope or "layer", pin_profile=None if pin is None else str(pin),
-                            pin_fraction=0.5 if pin_fraction is None else pin_fraction)
+                            pin_fraction=0.5 if pin_fraction is None else pin_fraction, prefetch=prefetch)
         make_policy(cache.policy)  # validates the name before any memory is allocated
         pools = attach_cache(layers, cache, opts.device)
+        if prefetch == "lookahead":
+            attach_lookahead(list(layers.values()))
         opts = replace(opts, cache=cache)
     model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools)
     return model

@@ -71,6 +71,7 @@ def _add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
     p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
     p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
+    p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
 
 
 def _load_options(args) -> dict:
@@ -83,7 +84,7 @@ def _load_options(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
                 policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
-                pin_fraction=args.pin_fraction)
+                pin_fraction=args.pin_fraction, prefetch=args.prefetch)
 
 
 def cmd_generate(args) -> int:

@@ -80,6 +80,8 @@ class MoELayer(nn.Module):
         self.pool_index = 0
         # Where this layer's experts wait for the pool (store.HostStore or store.DiskStore); set by the loader.
         self.store = None
+        # Prefetcher for the next MoE layer (predict/lookahead.py), called after this layer's experts ran.
+        self.lookahead = None
 
     @property
     def capacity_per_sequence(self) -> bool:
@@ -155,6 +157,9 @@ class MoELayer(nn.Module):
         self.expert_counts += counts
         if self.may_drop:
             self.dropped_pairs += (routing.ids == E).sum()
+        if self.lookahead is not None:  # after this layer's experts ran: their slots may be reused
+            with _label("moe.prefetch"):
+                self.lookahead(x)
         with _label("moe.combine"):
             return weighted_sum(pairs, routing.weights)
 

@@ -87,6 +87,41 @@ def test_disk_store_is_bit_identical_and_holds_no_experts_in_memory(tiny, family
         assert stats["bytes_moved"] == stats["misses"] * one_expert_per_layer(full) // len(model.moedeploy.layers)
 
 
+@pytest.mark.parametrize("family", FAMILIES + ["mixtral"])
+def test_lookahead_prefetch_is_bit_identical(tiny, family):
+    path = tiny(family, **({"num_hidden_layers": 3} if family == "deepseek_v3" else {}))  # two MoE layers
+    ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(4))
+    full = moedeploy.load(path, dtype="float32")
+    want = run(full, family, ids)
+    scopes = ["layer", "global"] if family == "mixtral" else ["layer"]
+    for scope in scopes:
+        for budget in (one_expert_per_layer(full), 0.5):
+            model = moedeploy.load(path, dtype="float32", expert_memory=budget, prefetch="lookahead", cache_scope=scope)
+            got = run(model, family, ids)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (scope, budget)
+            stats = model.moedeploy.cache_stats()
+            assert stats["prefetch"] == "lookahead" and stats["prefetched"] > 0
+            assert stats["bytes_moved"] == (stats["misses"] + stats["prefetched"]) * full.moedeploy.layers[
+                next(iter(full.moedeploy.layers))].experts.expert_bytes()
+            assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+
+
+def test_lookahead_prefetch_on_the_demo_model_saves_demand_misses():
+    """The demo model's next router, applied to the current hidden states, guesses well: most
+    prefetched experts are used, and demand misses fall."""
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)("KING HENRY.\nNow, lords, for France!",
+                                                                  return_tensors="pt").input_ids
+    stats = {}
+    for prefetch in (None, "lookahead"):
+        model = moedeploy.load(expert_memory=0.25, prefetch=prefetch)
+        tokens = run(model, "qwen3_moe", ids)[1]
+        stats[prefetch] = model.moedeploy.cache_stats()
+    assert stats["lookahead"]["prefetch_hits"] > stats["lookahead"]["prefetched"] / 2
+    assert stats["lookahead"]["misses"] < stats[None]["misses"]
+
+
 def test_demo_model_under_a_small_budget_is_bit_identical():
     from transformers import AutoTokenizer
 
@@ -137,6 +172,8 @@ def test_generate_json_reports_cache_stats(tiny, capsys):
     (dict(policy="lru"), "apply only with an expert_memory budget"),
     (dict(expert_store="disk"), "apply only with an expert_memory budget"),
     (dict(expert_memory=0.5, expert_store="nvme"), "unknown expert store 'nvme'"),
+    (dict(expert_memory=0.5, prefetch="oracle"), "unknown prefetcher 'oracle'"),
+    (dict(prefetch="lookahead"), "apply only with an expert_memory budget"),
     (dict(expert_memory=0.5, gating="static"), "needs gating='dynamic'"),
 ])
 def test_bad_budgets(tiny, options, message):

@@ -48,6 +48,7 @@ class CacheConfig:
     scope: str = "layer"  # "layer": an equal share of slots per MoE layer; "global": one pool for all layers
     pin_profile: str | None = None  # a routing trace of this model: pin its hottest experts (pinning.py)
     pin_fraction: float = 0.5  # share of each pool's slots given to pinned experts
+    prefetch: str | None = None  # "lookahead": each MoE layer prefetches the next one's experts
 
     def __post_init__(self):
         if self.scope not in SCOPES:
