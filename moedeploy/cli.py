@@ -196,6 +196,7 @@ def cmd_make_tiny(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
     from .bench import layer as bench_layer
+    from .bench import offload as bench_offload
     from .sim.cli import add_commands as add_sim_commands
     from .trace.cli import add_commands as add_trace_commands
 
@@ -220,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     bc = bsub.add_parser("cache", help="decoding under expert-memory budgets vs every expert resident")
     bench_cache.add_arguments(bc)
     bc.set_defaults(func=bench_cache.run)
+    bo = bsub.add_parser("offload", help="decoding and peak memory under budgets vs resident vs transformers+accelerate")
+    bench_offload.add_arguments(bo)
+    bo.set_defaults(func=bench_offload.run)
 
     e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
     e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")

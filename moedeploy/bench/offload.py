@@ -1,0 +1,243 @@
+"""`moedeploy bench offload`: end-to-end decoding under a memory budget, with peak memory, against
+the same model fully resident and against transformers + accelerate offloading, in one run.
+
+Every configuration runs in its own process, so its peak memory is its own:
+
+- `resident`: moedeploy, every expert in memory (the baseline; run first and last, and ratios are
+  to the mean of the two, so drift during the run shows instead of hiding);
+- `transformers`: the transformers model as users load it, every weight in memory;
+- `moedeploy f`: an expert budget of fraction f of all expert bytes, the rest in `--store` (disk:
+  the checkpoint, memory-mapped; host: memory), LRU, lookahead prefetch;
+- `accelerate f`: transformers with `device_map="auto"`, `max_memory` = the dense weights plus the
+  same fraction f of the expert bytes, the rest offloaded to disk by accelerate (`offload_folder`).
+
+On a CPU the "device" is host memory, so the comparison is memory budget vs disk. Decode rate is the
+median over rounds of tokens after the first per second; peak memory is sampled from /proc (anonymous
+resident memory: what the process holds, not the reclaimable page cache of memory-mapped files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .layer import machine
+
+BUDGETS = (0.1, 0.25, 0.5, 1.0)
+
+
+class PeakMemory(threading.Thread):
+    """Samples this process's resident memory (/proc/self/status) every `every` seconds."""
+
+    def __init__(self, every: float = 0.002):
+        super().__init__(daemon=True)
+        self.every, self.peak_anon, self.peak_rss = every, 0, 0
+
+    @staticmethod
+    def now() -> tuple[int, int]:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        kib = lambda key: int(fields.get(key, "0 kB").split()[0]) * 1024  # noqa: E731
+        return kib("RssAnon"), kib("VmRSS")
+
+    def run(self):
+        while True:
+            anon, rss = self.now()
+            self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
+            time.sleep(self.every)
+
+
+@dataclass(frozen=True)
+class Config:
+    kind: str  # "resident", "transformers", "moedeploy", "accelerate"
+    budget: float | None = None  # fraction of all expert bytes
+    store: str = "disk"
+
+    @property
+    def name(self) -> str:
+        return self.kind if self.budget is None else f"{self.kind} {self.budget:g}"
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    budget: float | None
+    decode_tokens_per_s: float
+    ratio_to_resident: float
+    identical: bool  # the same tokens as the resident model
+    peak_anon_mb: float  # peak anonymous resident memory of the process
+    peak_rss_mb: float  # peak resident memory including mapped file pages
+    load_s: float
+    miss_rate: float | None = None
+    prefetch_useful: float | None = None  # useful prefetches / prefetches
+    mb_moved_per_token: float | None = None
+
+
+def weight_bytes(path: Path) -> tuple[int, int]:
+    """(dense bytes, routed-expert bytes) of a checkpoint, from its safetensors headers."""
+    from safetensors import safe_open
+
+    dense = experts = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                s = f.get_slice(name)
+                size = s.get_shape() and torch.Size(s.get_shape()).numel() * _itemsize(s.get_dtype())
+                if ".experts." in name:
+                    experts += size
+                else:
+                    dense += size
+    return dense, experts
+
+
+def _itemsize(dtype: str) -> int:
+    return {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}[dtype]
+
+
+def _load(cfg: Config, path: Path, offload_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    from ..api import load
+
+    if cfg.kind == "resident":
+        return load(path)
+    if cfg.kind == "moedeploy":
+        return load(path, expert_memory=cfg.budget, expert_store=cfg.store, prefetch="lookahead")
+    if cfg.kind == "transformers":
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    dense, experts = weight_bytes(path)
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="auto", offload_folder=offload_dir,
+                                                max_memory={"cpu": int(dense + cfg.budget * experts)})
+
+
+def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, threads: int) -> dict:
+    """Runs in the configuration's own process: load, warm up, decode `rounds` times."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from .cache import _decode_rate
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(threads)
+    memory = PeakMemory()
+    memory.start()
+    with tempfile.TemporaryDirectory() as offload_dir:
+        start = time.perf_counter()
+        model = _load(cfg, path, offload_dir)
+        load_s = time.perf_counter() - start
+        ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
+        _decode_rate(model, ids, 4)  # warm-up
+        rates, out, cache = [], None, None
+        for _ in range(rounds):
+            runtime = getattr(model, "moedeploy", None)
+            for pool in runtime.pools if runtime else ():
+                pool.reset()  # every round from an empty cache
+            rate, out = _decode_rate(model, ids, new_tokens)
+            rates.append(rate)
+            cache = runtime.cache_stats() if runtime else None
+    anon, rss = PeakMemory.now()
+    return dict(rate=statistics.median(rates), tokens=out[0].tolist(), load_s=load_s, cache=cache,
+                peak_anon=max(memory.peak_anon, anon), peak_rss=max(memory.peak_rss, rss))
+
+
+def _spawn(cfg: Config, args, timeout: float) -> dict:
+    spec = json.dumps(dict(cfg=asdict(cfg), path=str(args.model_path), prompt=args.prompt, new_tokens=args.new_tokens,
+                           rounds=args.rounds, threads=args.threads))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moedeploy.bench.offload", spec], capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        from ..errors import MoeDeployError
+
+        raise MoeDeployError(f"bench offload: {cfg.name} did not finish in {timeout:.0f} s; "
+                             "try fewer --new-tokens or --rounds") from None
+    if proc.returncode != 0:
+        from ..errors import MoeDeployError
+
+        raise MoeDeployError(f"bench offload: {cfg.name} failed:\n{proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench(args, progress=print) -> list[Row]:
+    configs = [Config("resident"), Config("transformers")]
+    configs += [Config(kind, b, args.store) for b in args.budgets for kind in ("moedeploy", "accelerate")]
+    configs += [Config("resident")]
+    results = []
+    for cfg in configs:
+        progress(f"bench offload: {cfg.name} ...")
+        results.append((cfg, _spawn(cfg, args, args.timeout)))
+    base = (results[0][1]["rate"] + results[-1][1]["rate"]) / 2
+    rows = []
+    for cfg, r in results:
+        cache = r["cache"]
+        tokens = max(len(r["tokens"]) - 1, 1)
+        rows.append(Row(config=cfg.name, budget=cfg.budget, decode_tokens_per_s=round(r["rate"], 2),
+                        ratio_to_resident=round(r["rate"] / base, 3), identical=r["tokens"] == results[0][1]["tokens"],
+                        peak_anon_mb=round(r["peak_anon"] / 2**20, 1), peak_rss_mb=round(r["peak_rss"] / 2**20, 1),
+                        load_s=round(r["load_s"], 2),
+                        miss_rate=cache and round(cache["miss_rate"], 4),
+                        prefetch_useful=cache and round(cache["prefetch_hits"] / max(cache["prefetched"], 1), 3),
+                        mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / tokens, 3)))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
+    parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of all expert bytes")
+    parser.add_argument("--store", default="disk", help="where moedeploy keeps non-resident experts: disk or host")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds one configuration may take")
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import DEMO_MODEL
+    from ..errors import MoeDeployError
+
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise MoeDeployError("bench offload compares with transformers + accelerate: pip install accelerate "
+                             "(or pip install -e '.[bench]')") from None
+    try:
+        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    args.model_path = Path(args.model) if args.model else DEMO_MODEL
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows = bench(args, progress=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr))
+    dense, experts = weight_bytes(args.model_path)
+    report = {"benchmark": "moedeploy bench offload", "date": started, "machine": asdict(machine()),
+              "model": str(args.model_path), "dense_bytes": dense, "expert_bytes": experts, "store": args.store,
+              "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
+              "rows": [asdict(r) for r in rows]}
+    if not args.json:
+        print(f"{'config':>16s} {'decode tok/s':>12s} {'vs resident':>11s} {'same':>5s} {'peak anon MB':>12s} "
+              f"{'peak RSS MB':>11s} {'miss':>6s} {'useful pf':>9s} {'MB/token':>8s}")
+        for r in rows:
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            print(f"{r.config:>16s} {r.decode_tokens_per_s:12.2f} {r.ratio_to_resident:10.3f}x {str(r.identical):>5s} "
+                  f"{r.peak_anon_mb:12.1f} {r.peak_rss_mb:11.1f} {fmt(r.miss_rate, '.3f'):>6s} "
+                  f"{fmt(r.prefetch_useful, '.2f'):>9s} {fmt(r.mb_moved_per_token, '.2f'):>8s}")
+    print(json.dumps(report))
+    return 0 if all(r.identical for r in rows if r.config.startswith(("moedeploy", "resident"))) else 1
+
+
+if __name__ == "__main__":  # one configuration, in its own process (see _spawn)
+    spec = json.loads(sys.argv[1])
+    result = child(Config(**spec["cfg"]), Path(spec["path"]), spec["prompt"], spec["new_tokens"], spec["rounds"],
+                   spec["threads"])
+    print(json.dumps(result))
