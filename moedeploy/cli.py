@@ -188,7 +188,16 @@ def cmd_make_tiny(args) -> int:
 
     if args.family not in FAMILIES:
         raise MoeDeployError(f"unknown family {args.family!r}; choose one of: {', '.join(FAMILIES)}")
-    path = save_tiny(args.family, args.out, seed=args.seed)
+    overrides = {}
+    for item in args.set or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MoeDeployError(f"--set takes KEY=VALUE (a config field), got {item!r}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    path = save_tiny(args.family, args.out, seed=args.seed, **overrides)
     print(path)
     return 0
 
@@ -246,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", default="mixtral")
     t.add_argument("--out", required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set hidden_size=1024 (repeatable; for larger test models)")
     t.set_defaults(func=cmd_make_tiny)
     add_trace_commands(sub)
     add_sim_commands(sub)

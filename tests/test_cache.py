@@ -239,3 +239,16 @@ def test_a_profile_of_another_model_is_refused(tiny, tmp_path):
         moedeploy.load(expert_memory=0.25, pin=profile)
     with pytest.raises(OptionError, match="needs pin="):
         moedeploy.load(expert_memory=0.25, pin_fraction=0.5)
+
+
+def test_bench_offload_runs_every_configuration_in_its_own_process(capsys):
+    from moedeploy.cli import main
+
+    assert main(["bench", "offload", "--budgets", "0.5", "--new-tokens", "4", "--rounds", "1", "--json",
+                 "--timeout", "300"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["config"]: r for r in report["rows"]}
+    assert list(rows) == ["resident", "transformers", "moedeploy 0.5", "accelerate 0.5"]  # resident twice: one key
+    assert rows["moedeploy 0.5"]["identical"] and rows["moedeploy 0.5"]["miss_rate"] is not None
+    assert all(r["peak_anon_mb"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert report["expert_bytes"] > report["dense_bytes"] > 0
