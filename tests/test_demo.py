@@ -97,3 +97,20 @@ def test_demo_model_is_the_cli_default(capsys):
     assert main(["generate", "--prompt", "ROMEO.", "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["stats"]["new_tokens"] == 8 and out["stats"]["dtype"] == "bfloat16"
+
+
+def test_residual_dropout_acts_in_training_only():
+    import transformers as T
+
+    from moedeploy.demo.train import add_residual_dropout, model_config
+
+    torch.manual_seed(0)
+    model = T.Qwen3MoeForCausalLM(model_config(SMALL, eos_id=0)).float()
+    ids = torch.randint(1, 300, (2, 16))
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        add_residual_dropout(model, 0.5)
+        assert torch.equal(model(ids).logits, before)  # eval: the hooks change nothing
+        model.train()
+        assert not torch.equal(model(ids).logits, model(ids).logits)  # training: random masks
