@@ -252,3 +252,33 @@ def test_bench_offload_runs_every_configuration_in_its_own_process(capsys):
     assert rows["moedeploy 0.5"]["identical"] and rows["moedeploy 0.5"]["miss_rate"] is not None
     assert all(r["peak_anon_mb"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert report["expert_bytes"] > report["dense_bytes"] > 0
+
+
+def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
+    """Copies on the copier thread: an acquire that needs a slot whose copy is in flight waits for it
+    (the CPU form of a CUDA event), reads the right weights, and reports the wait as stall time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moedeploy.cache.pool import SlotPool
+    from moedeploy.experts import Activation, ExpertBank
+    from moedeploy.store import HostStore
+
+    bank = ExpertBank(torch.randn(4, 6, 3), torch.randn(4, 3, 3), Activation(torch.nn.SiLU(), gated=True))
+    release = threading.Event()
+
+    class GatedStore(HostStore):  # the copy of expert 2 waits until the test lets it go
+        def read(self, expert):
+            if expert == 2:
+                release.wait(5)
+            return super().read(expert)
+
+    pool = SlotPool(2, make_policy("lru"), bank, torch.device("cpu"), copier=ThreadPoolExecutor(1))
+    pool.register(0, GatedStore(bank))
+    pool.prefetch([(0, 2)])
+    assert pool.in_flight and pool.stats.prefetched == 1
+    threading.Timer(0.05, release.set).start()
+    (slot,) = pool.acquire([(0, 2)])
+    assert torch.equal(pool.slots.w_in[slot], bank.w_in[2]) and torch.equal(pool.slots.w_out[slot], bank.w_out[2])
+    assert pool.stats.hits == 1 and pool.stats.prefetch_hits == 1 and pool.stats.misses == 0
+    assert pool.stats.stall_s >= 0.02 and not pool.in_flight

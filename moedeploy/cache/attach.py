@@ -3,6 +3,8 @@ the hottest experts of a routing profile if one is given."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from ..errors import OptionError
 from ..layer import MoELayer
 from .budget import CacheConfig, device_bytes
@@ -42,9 +44,11 @@ def attach_cache(named: dict[str, MoELayer], config: CacheConfig, device) -> lis
     load = None
     if config.pin_profile is not None:
         load = profile_load(config.pin_profile, list(named), layers[0].experts.num_experts)  # [L, E]
+    # Prefetch copies run on one thread, like one copy engine, off the model's critical path.
+    copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedeploy-copier") if config.prefetch else None
     pools = []
     for group in groups:
-        pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device)
+        pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device, copier=copier)
         for layer in group:
             layer.pool, layer.pool_index = pool, len(pool.stores)
             pool.register(layer.pool_index, layer.store)

@@ -8,13 +8,17 @@ slot. `prefetch(keys)` loads predicted keys ahead of need: a later `acquire` of 
 useful prefetch), not a miss.
 
 On CPU the copies are real copies into the slot memory, so the logic and statistics are those of a
-device cache. Read-only weights are never copied back. CUDA (a pinned host store, side-stream
-copies) is not implemented yet: `attach_cache` refuses other devices.
+device cache. Demand misses copy on the calling thread (a stall); prefetches copy on the pool's
+`copier`, a one-thread executor standing in for a copy engine, so they overlap the model's compute.
+A slot with a copy in flight is waited for before it is read or overwritten (the CPU form of an
+event); that wait counts as stall time. Read-only weights are never copied back. CUDA (a pinned
+host store, side-stream copies) is not implemented yet: `attach_cache` refuses other devices.
 """
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,7 +35,7 @@ class CacheStats:
     prefetch_hits: int = 0  # demand hits on a prefetched expert, at its first use
     bytes_moved: int = 0  # demand misses and prefetches
     stall_s: float = 0.0  # time spent copying experts in on demand, on the critical path
-    prefetch_s: float = 0.0  # time spent copying prefetched experts (on CPU also on the critical path)
+    prefetch_s: float = 0.0  # time spent copying prefetched experts (on the copier, or inline without one)
     streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
     resident_bytes: list[int] = field(default_factory=list)  # after every acquire
 
@@ -52,9 +56,10 @@ def _slot_bank(like: ExpertBank, num_slots: int, device) -> ExpertBank:
 
 
 class SlotPool:
-    def __init__(self, num_slots: int, policy: Policy, like: ExpertBank | None, device=None, expert_bytes: int = 0):
+    def __init__(self, num_slots: int, policy: Policy, like: ExpertBank | None, device=None, expert_bytes: int = 0,
+                 copier: Executor | None = None):
         """Slots shaped like `like`'s experts on `device`; with like=None, bookkeeping only (the simulator):
-        no slot memory, and a load just counts `expert_bytes`."""
+        no slot memory, and a load just counts `expert_bytes`. `copier` runs prefetch copies (None: inline)."""
         self.num_slots = num_slots
         self.policy = policy
         self.slots = None if like is None else _slot_bank(like, num_slots, device)
@@ -64,6 +69,8 @@ class SlotPool:
         self.stores: dict[int, object] = {}  # layer -> its store (store.HostStore or store.DiskStore)
         self.unused_prefetch: set[Key] = set()  # prefetched, not yet needed
         self.pinned: set[Key] = set()  # resident for good (cache/pinning.py)
+        self.copier = copier if like is not None else None
+        self.in_flight: dict[int, Future] = {}  # slot -> its prefetch copy, not yet waited for
         self.stats = CacheStats()
         self._now = 0
 
@@ -75,7 +82,7 @@ class SlotPool:
         assert len(self.pinned) + len(keys) < self.num_slots, "one slot at least stays under the policy"
         for key in keys:
             if key not in self.slot_of:
-                self._insert(key, self.pinned | {key})
+                self._copy(key, self._place(key, self.pinned | {key}))
             self.pinned.add(key)
         self.stats = CacheStats()
 
@@ -98,13 +105,14 @@ class SlotPool:
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1
+                self.stats.stall_s += self._wait(self.slot_of[key])  # a prefetch still copying: a late one
                 if key in self.unused_prefetch:
                     self.stats.prefetch_hits += 1
                     self.unused_prefetch.discard(key)
                 self.policy.on_use(key, self._now)
                 continue
             self.stats.misses += 1
-            self.stats.stall_s += self._insert(key, needed)
+            self.stats.stall_s += self._copy(key, self._place(key, needed))
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
         return [self.slot_of[k] for k in keys]
 
@@ -118,23 +126,29 @@ class SlotPool:
                 continue
             self.stats.prefetched += 1
             self.unused_prefetch.add(key)
-            self.stats.prefetch_s += self._insert(key, wanted)
+            slot = self._place(key, wanted)
+            if self.copier is None:
+                self.stats.prefetch_s += self._copy(key, slot)
+            else:
+                self.in_flight[slot] = self.copier.submit(self._copy_ahead, key, slot)
 
-    def _insert(self, key: Key, protected: set[Key]) -> float:
-        """Put `key` in a slot, evicting the policy's pick among residents outside `protected`; returns
-        the seconds the copy took."""
+    def _place(self, key: Key, protected: set[Key]) -> int:
+        """Give `key` a slot, evicting the policy's pick among residents outside `protected`; the copy
+        is the caller's. A slot still being copied into is waited for before it is reused."""
         if not self.free:
             victim = self.policy.victim([k for k in self.slot_of if k not in protected and k not in self.pinned])
             self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
             self.policy.on_evict(victim)
             self.unused_prefetch.discard(victim)
         slot = self.free.pop()
+        self.stats.stall_s += self._wait(slot)
         self.slot_of[key] = slot
         self.policy.on_insert(key, self._now)
-        return self._load(key, slot)
-
-    def _load(self, key: Key, slot: int) -> float:
         self.stats.bytes_moved += self.expert_bytes
+        return slot
+
+    def _copy(self, key: Key, slot: int) -> float:
+        """Copy expert `key` from its store into `slot`; the seconds it took."""
         if self.slots is None:
             return 0.0
         layer, expert = key
@@ -143,8 +157,26 @@ class SlotPool:
             dst[slot].copy_(src)  # converts to the model's dtype exactly as loading does
         return time.perf_counter() - start
 
+    def _copy_ahead(self, key: Key, slot: int) -> None:  # on the copier thread
+        self.stats.prefetch_s += self._copy(key, slot)
+
+    def _wait(self, slot: int) -> float:
+        """Block until `slot`'s prefetch copy is done; the seconds waited."""
+        future = self.in_flight.pop(slot, None)
+        if future is None:
+            return 0.0
+        start = time.perf_counter()
+        future.result()  # re-raises a failed copy here, on the model's thread
+        return time.perf_counter() - start
+
+    def drain(self) -> None:
+        """Wait for every copy in flight."""
+        for slot in list(self.in_flight):
+            self._wait(slot)
+
     def reset(self) -> None:
         """Empty every unpinned slot and forget the statistics (a cold start; pinned experts stay)."""
+        self.drain()
         for key in [k for k in self.slot_of if k not in self.pinned]:
             self.policy.on_evict(key)
             self.free.append(self.slot_of.pop(key))
