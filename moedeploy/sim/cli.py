@@ -1,4 +1,5 @@
-"""`moedeploy simulate`: replay a routing trace through the expert cache, one point or a sweep."""
+"""`moedeploy simulate`: replay a routing trace through the expert cache, one point or a sweep, with or
+without prefetching (`--prefetch history`, prefetch.py). Also registers `moedeploy predict` (predict/cli.py)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def cmd_simulate(args) -> int:
         trace = domains[args.domain]
     cost = replace(CostModel(), **{k: v for k, v in (("expert_bytes", args.expert_bytes), ("link_gbps", args.link_gbps),
                                                        ("memory_gbps", args.memory_gbps)) if v is not None})
-    policies = SWEEP_POLICIES if args.sweep else (args.policy,)
     capacities = int_list("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16", "--capacity")
+    if args.prefetch != "none":
+        return _simulate_prefetch(args, trace, capacities, cost)
+    policies = SWEEP_POLICIES if args.sweep else (args.policy,)
     results = [replay(trace, policy, c, cost, progress=not args.json) for policy in policies for c in capacities]
     out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "layers": trace.meta.num_layers,
            "experts": trace.meta.num_experts, "top_k": trace.meta.top_k, "cost_model": cost.__dict__,
@@ -44,6 +47,46 @@ def cmd_simulate(args) -> int:
     for r in results:
         print(f"{r.policy:8s} {r.capacity:8d} {r.miss_rate:10.3f} {r.bytes_moved / 1e9:9.1f} "
               f"{r.seconds_per_token * 1e3:9.2f} {r.all_resident_seconds_per_token * 1e3:15.2f}")
+    return 0
+
+
+def _prefetch_config(args, policy: str):
+    from ..predict.history import ScoreConfig
+    from .prefetch import PrefetchConfig
+
+    base = PrefetchConfig()
+    score = replace(base.score, **{k: v for k, v in (("lookahead", args.lookahead),) if v is not None})
+    given = {k: v for k, v in (("width", args.prefetch_width), ("threshold", args.prefetch_threshold)) if v is not None}
+    return replace(base, evict=policy, score=score, **given)
+
+
+def _simulate_prefetch(args, trace, capacities: list[int], cost) -> int:
+    from ..predict.history import HistoryPredictor
+    from .prefetch import EVICTIONS, replay_prefetch
+
+    if args.prefetch != "history":
+        raise MoeDeployError(f"unknown --prefetch {args.prefetch!r}; choose none or history")
+    policies = EVICTIONS if args.sweep else (args.policy,)
+    predictor = HistoryPredictor.load(args.predictor) if args.predictor else None
+    belady = {c: replay(trace, "belady", c, cost).misses for c in capacities}
+    results = [replay_prefetch(trace, c, predictor, _prefetch_config(args, p), cost, belady[c])
+               for p in policies for c in capacities]
+    out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "prefetch": args.prefetch,
+           "predictor": args.predictor, "cost_model": cost.__dict__, "results": [r.as_dict() for r in results]}
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "simulate.json").write_text(json.dumps(out, indent=1))
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{trace.num_tokens:,} tokens x {trace.meta.num_layers} layers; decode order, per-layer caches, prefetch "
+          f"{args.prefetch} (predictor {args.predictor or 'online only'}); ratios are to Belady without prefetch")
+    print(f"{'evict':9s} {'capacity':>8s} {'stalls':>7s} {'belady':>7s} {'stall x':>7s} {'prefetch':>9s} {'useful':>7s} "
+          f"{'GB moved':>9s} {'bytes x':>7s} {'ms/token':>9s} {'(all resident)':>15s}")
+    for r in results:
+        print(f"{r.policy:9s} {r.capacity:8d} {r.miss_rate:7.3f} {r.belady_misses / (r.hits + r.misses):7.3f} "
+              f"{r.stall_ratio:7.2f} {r.prefetched:9d} {r.prefetch_hits:7d} {r.bytes_moved / 1e9:9.1f} "
+              f"{r.bytes_ratio:7.2f} {r.seconds_per_token * 1e3:9.2f} {r.all_resident_seconds_per_token * 1e3:15.2f}")
     return 0
 
 
@@ -70,13 +113,24 @@ def add_commands(sub) -> None:
     s = sub.add_parser("simulate", help="replay a routing trace through the expert cache with a cost model")
     s.add_argument("--trace", required=True, help="a Parquet trace or an ESFT domain directory")
     s.add_argument("--domain", help="only this domain of a multi-domain trace")
-    s.add_argument("--policy", default="lru", help="lru, lfu, fifo, lifo (the paper's) or belady (offline optimum)")
+    s.add_argument("--policy", default="lru", help="lru, lfu, fifo, lifo (the paper's) or belady (offline optimum); "
+                   "with --prefetch: lru or predicted")
     s.add_argument("--capacity", help="resident experts per layer, comma-separated (default 16; 8,16,32 with --sweep)")
     s.add_argument("--sweep", action="store_true", help="every policy at every --capacity (default 8,16,32 then)")
     s.add_argument("--out", help="directory for simulate.json (and miss_rate.png with --sweep)")
     s.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: DeepSeek-V2-Lite in bf16)")
     s.add_argument("--link-gbps", type=float, help="host-to-device bandwidth, GB/s (default 25)")
     s.add_argument("--memory-gbps", type=float, help="device memory bandwidth, GB/s (default 2000)")
+    s.add_argument("--prefetch", default="none", help="none (default) or history: prefetch what the trace-history "
+                   "predictor scores highest; --sweep then runs evictions lru and predicted")
+    s.add_argument("--predictor", help="with --prefetch history: a file from `moedeploy predict fit` (its counts "
+                   "are the prior; without one the predictor learns online only)")
+    s.add_argument("--lookahead", type=int, help="layers between issuing a prefetch and its use (default 1)")
+    s.add_argument("--prefetch-width", type=int, help="at most this many experts prefetched per layer (default 6)")
+    s.add_argument("--prefetch-threshold", type=float, help="prefetch only experts scoring at least this")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
+    from ..predict.cli import add_commands as add_predict_commands
+
+    add_predict_commands(sub)
 

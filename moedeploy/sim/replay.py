@@ -6,7 +6,8 @@ read once from device memory, and every miss must first cross the host link, on 
 
     seconds = misses * expert_bytes / link_bandwidth + (hits + misses) * expert_bytes / memory_bandwidth
 
-This module does not predict or prefetch (a later step), and knows nothing of files: see trace/io.py.
+This module does not predict or prefetch (prefetch.py does, timed by timeline.py), and knows nothing of
+files: see trace/io.py.
 """
 
 from __future__ import annotations
