@@ -176,7 +176,7 @@ def cmd_train_demo(args) -> int:
     from .demo.data import load_corpus
     from .demo.train import TrainConfig, train
 
-    given = {k: v for k, v in dict(steps=args.steps, threads=args.threads).items() if v is not None}
+    given = {k: v for k, v in dict(steps=args.steps, threads=args.threads, dropout=args.dropout).items() if v is not None}
     cfg = replace(TrainConfig(), seed=args.seed, **given)
     report = train(Path(args.out), load_corpus(Path(args.cache)), cfg, log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({k: v for k, v in report.items() if k != "history"}))
@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 45 minutes on 2 cores)")
     tr.add_argument("--out", required=True)
     tr.add_argument("--cache", default=os.path.expanduser("~/.cache/moedeploy"), help="where the text is downloaded")
-    tr.add_argument("--steps", type=int, help="default: TrainConfig.steps (3600)")
+    tr.add_argument("--steps", type=int, help="default: TrainConfig.steps (2000)")
     tr.add_argument("--threads", type=int, help="default: TrainConfig.threads (2)")
+    tr.add_argument("--dropout", type=float, help="residual dropout in training (default 0: the shipped model's)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train_demo)
 
