@@ -9,8 +9,8 @@ bytes moved, copy stall time and peak resident expert bytes. Every configuration
 the resident model's.
 
 On a CPU, host and device memory are one, so the ratios measure what the cache's bookkeeping and
-copies cost, not a PCIe link. What it does not do: GPUs (expert buffering is CPU-only for now), the
-disk tier, prefetching, or transformers + accelerate offload.
+copies cost, not a PCIe link. GPUs are not covered (expert buffering is CPU-only for now); the disk
+store, prefetching, peak memory and transformers + accelerate offloading are in `bench offload`.
 """
 
 from __future__ import annotations
