@@ -59,8 +59,9 @@ class Runtime:
         per_pool = [pool.stats.as_dict() for pool in self.pools]
         total = {key: sum(d[key] for d in per_pool) for key in per_pool[0] if key != "miss_rate"}
         total["miss_rate"] = total["misses"] / max(total["hits"] + total["misses"], 1)
-        total["peak_resident_bytes"] = max(d["peak_resident_bytes"] for d in per_pool) * (
-            1 if len(self.pools) == 1 else len(self.pools))  # an upper bound across per-layer pools
+        series = resident_over_time([pool.stats for pool in self.pools])
+        total["peak_resident_bytes"] = max((b for _, b in series), default=0)
+        total["resident_bytes_over_time"] = series[:: max(len(series) // 100, 1)]  # [seconds, bytes], <= ~100 points
         total["slots"] = sum(pool.num_slots for pool in self.pools)
         total["budget_bytes"] = self.options.cache.budget_bytes
         total["policy"] = self.options.cache.policy
@@ -73,6 +74,18 @@ class Runtime:
     def reset_stats(self) -> None:
         for layer in self.layers.values():
             layer.reset_stats()
+
+
+def resident_over_time(stats: list) -> list[tuple[float, int]]:
+    """Resident expert bytes of all pools together after each acquire, with seconds since the first:
+    the pools' series merged in time order."""
+    events = sorted((t, i, b) for i, s in enumerate(stats) for t, b in zip(s.resident_at, s.resident_bytes))
+    now = [0] * len(stats)
+    series = []
+    for t, i, b in events:
+        now[i] = b
+        series.append((round(t - events[0][0], 6), sum(now)))
+    return series
 
 
 DEMO_MODEL = Path(__file__).parent / "data" / "demo"

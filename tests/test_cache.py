@@ -158,6 +158,9 @@ def test_generate_json_reports_cache_stats(tiny, capsys):
     cache = json.loads(capsys.readouterr().out)["stats"]["cache"]
     assert cache["policy"] == "lfu" and cache["hits"] + cache["misses"] > 0 and 0 <= cache["miss_rate"] <= 1
     assert cache["peak_resident_bytes"] <= cache["budget_bytes"]
+    series = cache["resident_bytes_over_time"]  # [seconds, bytes] of all pools together
+    assert series and all(0 < b <= cache["budget_bytes"] for _, b in series)
+    assert [t for t, _ in series] == sorted(t for t, _ in series) and series[0][0] == 0
 
 
 @pytest.mark.parametrize("options,message", [

@@ -39,7 +39,7 @@ class Row:
     miss_rate: float | None
     bytes_moved: int | None
     stall_s: float | None
-    peak_resident_bytes: int | None  # summed over the per-layer pools: an upper bound
+    peak_resident_bytes: int | None  # all pools together
     budget_bytes: int | None
 
 

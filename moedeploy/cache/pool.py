@@ -38,6 +38,7 @@ class CacheStats:
     prefetch_s: float = 0.0  # time spent copying prefetched experts (on the copier, or inline without one)
     streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
     resident_bytes: list[int] = field(default_factory=list)  # after every acquire
+    resident_at: list[float] = field(default_factory=list)  # time.perf_counter() of each of those acquires
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -45,6 +46,7 @@ class CacheStats:
         d["peak_resident_bytes"] = max(self.resident_bytes, default=0)
         d["resident_bytes"] = len(self.resident_bytes)  # the series is long: report its length only
         d["acquires"] = d.pop("resident_bytes")
+        del d["resident_at"]
         return d
 
 
@@ -114,6 +116,7 @@ class SlotPool:
             self.stats.misses += 1
             self.stats.stall_s += self._copy(key, self._place(key, needed))
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
+        self.stats.resident_at.append(time.perf_counter())
         return [self.slot_of[k] for k in keys]
 
     def prefetch(self, keys: list[Key]) -> None:
