@@ -66,6 +66,12 @@ def test_make_tiny_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert main(["make-tiny", "--family", "olmoe", "--out", str(tmp_path / "t")]) == 0
     assert moedeploy.load(tmp_path / "t").moedeploy.family == "qwen_moe"
     assert main(["make-tiny", "--family", "llama", "--out", str(tmp_path / "u")]) == 2
+    assert main(["make-tiny", "--family", "qwen3_moe", "--out", str(tmp_path / "w"), "--set", "num_experts=16",
+                 "--set", "moe_intermediate_size=32"]) == 0
+    layer = next(iter(moedeploy.load(tmp_path / "w").moedeploy.layers.values()))
+    assert layer.experts.num_experts == 16 and layer.experts.intermediate_size == 32
+    assert main(["make-tiny", "--family", "qwen3_moe", "--out", str(tmp_path / "x"), "--set", "num_experts"]) == 2
+    assert "--set takes KEY=VALUE" in capsys.readouterr().err
 
 
 def test_generate_and_eval_ppl_can_record_a_trace(tiny, tmp_path, capsys):
