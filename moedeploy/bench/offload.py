@@ -7,7 +7,8 @@ Every configuration runs in its own process, so its peak memory is its own:
   to the mean of the two, so drift during the run shows instead of hiding);
 - `transformers`: the transformers model as users load it, every weight in memory;
 - `moedeploy f`: an expert budget of fraction f of all expert bytes, the rest in `--store` (disk:
-  the checkpoint, memory-mapped; host: memory), LRU, lookahead prefetch;
+  the checkpoint, memory-mapped; host: memory), LRU, lookahead prefetch (and, with
+  `--prefetch lookahead,none`, also `moedeploy f no-prefetch`);
 - `accelerate f`: transformers with `device_map="auto"`, `max_memory` = the dense weights plus the
   same fraction f of the expert bytes, the rest offloaded to disk by accelerate (`offload_folder`).
 
@@ -61,10 +62,12 @@ class Config:
     kind: str  # "resident", "transformers", "moedeploy", "accelerate"
     budget: float | None = None  # fraction of all expert bytes
     store: str = "disk"
+    prefetch: str | None = "lookahead"  # moedeploy only
 
     @property
     def name(self) -> str:
-        return self.kind if self.budget is None else f"{self.kind} {self.budget:g}"
+        name = self.kind if self.budget is None else f"{self.kind} {self.budget:g}"
+        return name + (" no-prefetch" if self.kind == "moedeploy" and self.prefetch is None else "")
 
 
 @dataclass(frozen=True)
@@ -80,6 +83,7 @@ class Row:
     miss_rate: float | None = None
     prefetch_useful: float | None = None  # useful prefetches / prefetches
     mb_moved_per_token: float | None = None
+    stall_ms_per_token: float | None = None  # waiting for demand copies and late prefetches
 
 
 def weight_bytes(path: Path) -> tuple[int, int]:
@@ -111,7 +115,7 @@ def _load(cfg: Config, path: Path, offload_dir: str):
     if cfg.kind == "resident":
         return load(path)
     if cfg.kind == "moedeploy":
-        return load(path, expert_memory=cfg.budget, expert_store=cfg.store, prefetch="lookahead")
+        return load(path, expert_memory=cfg.budget, expert_store=cfg.store, prefetch=cfg.prefetch)
     if cfg.kind == "transformers":
         return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     dense, experts = weight_bytes(path)
@@ -170,7 +174,9 @@ def _spawn(cfg: Config, args, timeout: float) -> dict:
 
 def bench(args, progress=print) -> list[Row]:
     configs = [Config("resident"), Config("transformers")]
-    configs += [Config(kind, b, args.store) for b in args.budgets for kind in ("moedeploy", "accelerate")]
+    for b in args.budgets:
+        configs += [Config("moedeploy", b, args.store, prefetch) for prefetch in args.prefetch]
+        configs += [Config("accelerate", b)]
     configs += [Config("resident")]
     results = []
     for cfg in configs:
@@ -187,7 +193,8 @@ def bench(args, progress=print) -> list[Row]:
                         load_s=round(r["load_s"], 2),
                         miss_rate=cache and round(cache["miss_rate"], 4),
                         prefetch_useful=cache and round(cache["prefetch_hits"] / max(cache["prefetched"], 1), 3),
-                        mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / tokens, 3)))
+                        mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / tokens, 3),
+                        stall_ms_per_token=cache and round(cache["stall_s"] * 1e3 / tokens, 3)))
     return rows
 
 
@@ -195,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of all expert bytes")
     parser.add_argument("--store", default="disk", help="where moedeploy keeps non-resident experts: disk or host")
+    parser.add_argument("--prefetch", default="lookahead", help="moedeploy's prefetchers to run: lookahead, none, or both")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
@@ -216,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError as ex:
         raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    args.prefetch = [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",") if p.strip()]
     args.model_path = Path(args.model) if args.model else DEMO_MODEL
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = bench(args, progress=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr))
@@ -225,13 +234,14 @@ def run(args: argparse.Namespace) -> int:
               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "rows": [asdict(r) for r in rows]}
     if not args.json:
-        print(f"{'config':>16s} {'decode tok/s':>12s} {'vs resident':>11s} {'same':>5s} {'peak anon MB':>12s} "
-              f"{'peak RSS MB':>11s} {'miss':>6s} {'useful pf':>9s} {'MB/token':>8s}")
+        print(f"{'config':>28s} {'decode tok/s':>12s} {'vs resident':>11s} {'same':>5s} {'peak anon MB':>12s} "
+              f"{'peak RSS MB':>11s} {'miss':>6s} {'useful pf':>9s} {'MB/token':>8s} {'stall ms/tok':>12s}")
         for r in rows:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-            print(f"{r.config:>16s} {r.decode_tokens_per_s:12.2f} {r.ratio_to_resident:10.3f}x {str(r.identical):>5s} "
+            print(f"{r.config:>28s} {r.decode_tokens_per_s:12.2f} {r.ratio_to_resident:10.3f}x {str(r.identical):>5s} "
                   f"{r.peak_anon_mb:12.1f} {r.peak_rss_mb:11.1f} {fmt(r.miss_rate, '.3f'):>6s} "
-                  f"{fmt(r.prefetch_useful, '.2f'):>9s} {fmt(r.mb_moved_per_token, '.2f'):>8s}")
+                  f"{fmt(r.prefetch_useful, '.2f'):>9s} {fmt(r.mb_moved_per_token, '.2f'):>8s} "
+                  f"{fmt(r.stall_ms_per_token, '.2f'):>12s}")
     print(json.dumps(report))
     return 0 if all(r.identical for r in rows if r.config.startswith(("moedeploy", "resident"))) else 1
 
