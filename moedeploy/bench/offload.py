@@ -20,6 +20,7 @@ resident memory: what the process holds, not the reclaimable page cache of memor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
@@ -215,11 +216,9 @@ def run(args: argparse.Namespace) -> int:
     from ..api import DEMO_MODEL
     from ..errors import MoeDeployError
 
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("accelerate") is None:
         raise MoeDeployError("bench offload compares with transformers + accelerate: pip install accelerate "
-                             "(or pip install -e '.[bench]')") from None
+                             "(or pip install -e '.[bench]')")
     try:
         args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError as ex:
