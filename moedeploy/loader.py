@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from .errors import CheckpointError, UnsupportedModelError
-from .experts import ExpertBank
 from .layer import MoELayer
 from .models import Family, family_for, supported_model_types
 from .models.base import router_module

@@ -113,11 +113,12 @@ def test_lookahead_prefetch_on_the_demo_model_saves_demand_misses():
 
     ids = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)("KING HENRY.\nNow, lords, for France!",
                                                                   return_tensors="pt").input_ids
-    stats = {}
+    stats, tokens = {}, {}
     for prefetch in (None, "lookahead"):
         model = moedeploy.load(expert_memory=0.25, prefetch=prefetch)
-        tokens = run(model, "qwen3_moe", ids)[1]
+        tokens[prefetch] = run(model, "qwen3_moe", ids)[1]
         stats[prefetch] = model.moedeploy.cache_stats()
+    assert torch.equal(tokens[None], tokens["lookahead"])
     assert stats["lookahead"]["prefetch_hits"] > stats["lookahead"]["prefetched"] / 2
     assert stats["lookahead"]["misses"] < stats[None]["misses"]
 

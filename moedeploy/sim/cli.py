@@ -51,7 +51,6 @@ def cmd_simulate(args) -> int:
 
 
 def _prefetch_config(args, policy: str):
-    from ..predict.history import ScoreConfig
     from .prefetch import PrefetchConfig
 
     base = PrefetchConfig()
