@@ -120,8 +120,9 @@ class SlotPool:
         return [self.slot_of[k] for k in keys]
 
     def prefetch(self, keys: list[Key]) -> None:
-        """Load the keys that are not resident, best first, evicting only keys outside `keys`; at most
-        num_slots of them. The pool's clock does not advance: a prefetch is not an access."""
+        """Load the keys that are not resident, best first, evicting only keys outside `keys`; at most as
+        many as there are unpinned slots. The pool's clock does not advance: a prefetch is not an access.
+        Call it only once the slots the current step reads are done with (MoELayer does)."""
         keys = [k for k in dict.fromkeys(keys) if k not in self.pinned][: self.num_slots - len(self.pinned)]
         wanted = set(keys)
         for key in keys:
