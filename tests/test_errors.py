@@ -165,3 +165,12 @@ def test_family_without_adapter_is_refused_when_the_guess_differs(tiny, monkeypa
     monkeypatch.setattr(Family, "rule", lambda self, config, block: SoftmaxTopK(top_k=2, renormalize=True))
     with pytest.raises(UnsupportedModelError, match="does not reproduce FlexOlmo"):
         moedeploy.load(tiny("flex_olmo"))
+
+
+def test_checking_a_family_without_adapter_leaves_the_loaded_weights_alone(tiny):
+    """The check runs a float32 copy; the loaded layer keeps the dtype that was asked for."""
+    import torch
+
+    model = moedeploy.load(tiny("flex_olmo"), dtype="bfloat16")
+    layer = next(iter(model.moedeploy.layers.values()))
+    assert layer.experts.w_in.dtype == layer.router.weight.dtype == torch.bfloat16
