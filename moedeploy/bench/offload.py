@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -96,7 +97,7 @@ def weight_bytes(path: Path) -> tuple[int, int]:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
                 s = f.get_slice(name)
-                size = s.get_shape() and torch.Size(s.get_shape()).numel() * _itemsize(s.get_dtype())
+                size = math.prod(s.get_shape()) * _ITEMSIZE[s.get_dtype()]  # a scalar's shape is [], prod 1
                 if ".experts." in name:
                     experts += size
                 else:
@@ -104,8 +105,8 @@ def weight_bytes(path: Path) -> tuple[int, int]:
     return dense, experts
 
 
-def _itemsize(dtype: str) -> int:
-    return {"F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}[dtype]
+_ITEMSIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+             "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}  # safetensors dtype -> bytes per element
 
 
 def _load(cfg: Config, path: Path, offload_dir: str):
