@@ -70,8 +70,17 @@ def test_load_balance_loss_is_per_layer():
     hot_b = torch.zeros(64, 8)
     hot_b[:, 1] = 5.0  # ... in the other layer, expert 1
     # Per layer, each skewed layer is penalised; transformers' concatenated version would not see it.
-    assert load_balance_loss((hot_a, hot_b), top_k=1) > 3 * load_balance_loss((even, even), top_k=1)
-    assert math.isclose(load_balance_loss((hot_a,), top_k=1).item(), load_balance_loss((hot_a, hot_a), top_k=1).item())
+    assert load_balance_loss((hot_a, hot_b), top_k=1).mean() > 3 * load_balance_loss((even, even), top_k=1).mean()
+    assert load_balance_loss((hot_a, even), top_k=1).shape == (2,)
+    assert math.isclose(load_balance_loss((hot_a,), top_k=1).item(), load_balance_loss((hot_a, hot_a), top_k=1)[1].item())
+
+
+def test_skew_controller_steers_each_layer_on_its_own():
+    from moedeploy.demo.train import steer
+
+    # layer 0 over-skewed, layer 1 in the band, layer 2 too even, layer 3 at the ceiling
+    assert steer([0.01, 0.01, 0.01, 1.0], [0.7, 0.5, 0.3, 0.9], (0.48, 0.58)) == [0.0125, 0.01, 0.008, 1.0]
+    assert steer([1e-4], [0.1], (0.48, 0.58)) == [1e-4]
 
 
 def test_shipped_demo_model_is_exact_against_transformers():

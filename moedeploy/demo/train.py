@@ -3,8 +3,8 @@
 Reproducible: fixed seeds, a fixed number of steps, and the data fetched by `data.py`. The router's
 auxiliary load-balancing loss is kept modest by a feedback rule, because real routers are skewed and
 the product must be shown on skewed routing: every `skew_every` steps the share of routed tokens that
-the most popular quarter of experts takes (averaged over layers, on the current batch) is measured,
-and the loss coefficient is multiplied by 1.25 above the target band or divided by 1.25 below it.
+the most popular quarter of experts takes is measured per layer on the current batch, and that
+layer's loss coefficient is multiplied by 1.25 above the target band or divided by 1.25 below it.
 The result is written as a normal checkpoint (bf16 safetensors, tokenizer, config) plus
 `training.json` (settings, losses, skew and coefficient over time, wall time).
 
@@ -85,8 +85,8 @@ def top_quarter_share(router_logits: tuple[torch.Tensor, ...], top_k: int) -> li
 
 
 def load_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> torch.Tensor:
-    """Switch-style load-balancing loss, per layer, averaged over layers: E * sum_i f_i * P_i, with
-    f_i the share of routed pairs that chose expert i and P_i its mean router probability.
+    """Switch-style load-balancing loss of each layer, [L]: E * sum_i f_i * P_i, with f_i the share
+    of routed pairs that chose expert i and P_i its mean router probability.
 
     transformers' own `load_balancing_loss_func` concatenates all layers before counting, so it
     balances expert index i summed over layers: a hot expert in one layer and a cold one of the same
@@ -99,7 +99,7 @@ def load_balance_loss(router_logits: tuple[torch.Tensor, ...], top_k: int) -> to
         chosen = torch.zeros_like(probs).scatter_(1, probs.topk(top_k, dim=-1).indices, 1.0)  # [T, E]
         f = chosen.mean(dim=0) / top_k  # [E], sums to 1
         losses.append(E * (f * probs.mean(dim=0)).sum())
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
 
 
 def add_residual_dropout(model: T.PreTrainedModel, p: float) -> None:
@@ -120,6 +120,13 @@ def add_residual_dropout(model: T.PreTrainedModel, p: float) -> None:
     for layer in model.model.layers:
         layer.self_attn.register_forward_hook(drop)
         layer.mlp.register_forward_hook(drop)
+
+
+def steer(coefs: list[float], shares: list[float], band: tuple[float, float]) -> list[float]:
+    """One step of the skew controller: each layer's coefficient up 1.25x if its top-quarter share is
+    above the band, down 1.25x if below, clamped to [1e-4, 1]."""
+    return [min(c * 1.25, 1.0) if s > band[1] else max(c / 1.25, 1e-4) if s < band[0] else c
+            for c, s in zip(coefs, shares)]
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -151,37 +158,33 @@ def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
-    coef, history, start = cfg.aux_coef, [], time.perf_counter()
+    coefs, history, start = [cfg.aux_coef] * cfg.layers, [], time.perf_counter()
     for step in range(cfg.steps):
         starts = torch.randint(0, data.numel() - cfg.context, (cfg.batch,), generator=gen)
         batch = torch.stack([data[s : s + cfg.context] for s in starts.tolist()])  # [B, C]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         outputs = model(input_ids=batch, labels=batch, output_router_logits=True)  # transformers shifts the labels
-        aux = load_balance_loss(outputs.router_logits, cfg.top_k)
-        loss = outputs.loss + coef * aux
+        aux = load_balance_loss(outputs.router_logits, cfg.top_k)  # [L]
+        loss = outputs.loss + (torch.tensor(coefs) * aux).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % cfg.skew_every == 0 or step == cfg.steps - 1:
             shares = top_quarter_share(outputs.router_logits, cfg.top_k)
-            mean = sum(shares) / len(shares)
-            if mean > cfg.skew_band[1]:
-                coef = min(coef * 1.25, 1.0)
-            elif mean < cfg.skew_band[0]:
-                coef = max(coef / 1.25, 1e-4)
-            row = dict(step=step, loss=round(outputs.loss.item(), 4), aux=round(aux.item(), 4),
-                       coef=round(coef, 5), top_quarter=[round(s, 3) for s in shares],
+            coefs = steer(coefs, shares, cfg.skew_band)
+            row = dict(step=step, loss=round(outputs.loss.item(), 4), aux=round(aux.mean().item(), 4),
+                       coef=[round(c, 5) for c in coefs], top_quarter=[round(s, 3) for s in shares],
                        minutes=round((time.perf_counter() - start) / 60, 2))
             history.append(row)
             log(json.dumps(row))
     minutes = (time.perf_counter() - start) / 60
     out.mkdir(parents=True, exist_ok=True)
-    model.config.router_aux_loss_coef = coef
+    model.config.router_aux_loss_coef = sum(coefs) / len(coefs)
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    report = dict(config=asdict(cfg), train_minutes=round(minutes, 1), final_aux_coef=coef, history=history,
+    report = dict(config=asdict(cfg), train_minutes=round(minutes, 1), final_aux_coef=coefs, history=history,
                   params=sum(p.numel() for p in model.parameters()), data_tokens=data.numel(),
                   heldout=list(corpus.heldout), other=list(corpus.other))
     (out / "training.json").write_text(json.dumps(report, indent=1))
