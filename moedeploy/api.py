@@ -56,6 +56,8 @@ class Runtime:
         """Expert-buffering statistics summed over the pools, or None when every expert is resident."""
         if not self.pools:
             return None
+        for pool in self.pools:
+            pool.drain()  # copies in flight finish and their times (CUDA events) are counted
         per_pool = [pool.stats.as_dict() for pool in self.pools]
         total = {key: sum(d[key] for d in per_pool) for key in per_pool[0] if key != "miss_rate"}
         total["miss_rate"] = total["misses"] / max(total["hits"] + total["misses"], 1)
@@ -131,7 +133,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
-    opts = replace(opts, expert_store=expert_store or "host")
+    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None)
     path = DEMO_MODEL if path is None else Path(path)
     model, family = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}

@@ -48,11 +48,21 @@ class ExpertBank(nn.Module):
         self.register_buffer("b_in", b_in)
         self.register_buffer("b_out", b_out)
         self.activation = activation
+        self.on_host = False  # expert buffering: stays in host memory when the model moves (keep_on_host)
 
     def _apply(self, fn, recurse=True):
-        if self.w_in.is_meta:  # experts kept in a store elsewhere (the disk tier): nothing here to move
+        if self.w_in.is_meta or self.on_host:  # experts that device slots copy from: nothing here moves
             return self
         return super()._apply(fn, recurse)
+
+    def keep_on_host(self, pin: bool) -> None:
+        """Stay in host memory when the model moves to a device; `pin` page-locks the tensors, so copies
+        to CUDA slots run asynchronously (one tensor at a time is briefly held twice)."""
+        if pin and not self.w_in.is_meta:
+            for name, t in list(self._buffers.items()):
+                if t is not None:
+                    self._buffers[name] = t.pin_memory()
+        self.on_host = True
 
     @property
     def num_experts(self) -> int:

@@ -86,6 +86,8 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     else:
         experts = disk.bank(dtype)
         store = HostStore(experts)
+        if opts.buffered:  # only the slots go to the device; on CUDA the host copy is pinned
+            experts.keep_on_host(pin=opts.device.type == "cuda")
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate)
     layer.store = store

@@ -262,7 +262,6 @@ def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
     """Copies on the copier thread: an acquire that needs a slot whose copy is in flight waits for it
     (the CPU form of a CUDA event), reads the right weights, and reports the wait as stall time."""
     import threading
-    from concurrent.futures import ThreadPoolExecutor
 
     from moedeploy.cache.pool import SlotPool
     from moedeploy.experts import Activation, ExpertBank
@@ -277,7 +276,7 @@ def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
                 release.wait(5)
             return super().read(expert)
 
-    pool = SlotPool(2, make_policy("lru"), bank, torch.device("cpu"), copier=ThreadPoolExecutor(1))
+    pool = SlotPool(2, make_policy("lru"), bank, torch.device("cpu"), prefetch=True)
     pool.register(0, GatedStore(bank))
     pool.prefetch([(0, 2)])
     assert pool.in_flight and pool.stats.prefetched == 1
@@ -286,3 +285,54 @@ def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
     assert torch.equal(pool.slots.w_in[slot], bank.w_in[2]) and torch.equal(pool.slots.w_out[slot], bank.w_out[2])
     assert pool.stats.hits == 1 and pool.stats.prefetch_hits == 1 and pool.stats.misses == 0
     assert pool.stats.stall_s >= 0.02 and not pool.in_flight
+
+
+def test_a_budgeted_model_keeps_its_experts_in_the_store_when_it_moves(tiny):
+    """Under a budget only the slots belong on the device: moving the model leaves the layers' expert
+    banks in host memory (on CUDA, pinned), where the slots copy from."""
+    model = moedeploy.load(tiny("mixtral"), dtype="float32", expert_memory=0.5)
+    layer = next(iter(model.moedeploy.layers.values()))
+    model.to(torch.float64)  # a move the experts must not follow (the slots keep the model's dtype)
+    assert layer.experts.on_host and layer.experts.w_in.dtype == torch.float32
+    assert layer.router.weight.dtype == torch.float64
+    resident = moedeploy.load(tiny("mixtral"), dtype="float32")
+    assert not next(iter(resident.moedeploy.layers.values())).experts.on_host
+
+
+# Expert buffering on CUDA: experts in pinned host memory (or on disk), slots on the GPU, demand copies
+# on the compute stream and prefetches on a side stream (cache/transfer.py); bit-identical to the same
+# model fully resident on the GPU. They need a CUDA device and skip without one.
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("store", ["host", "disk"])
+@pytest.mark.parametrize("prefetch", [None, "lookahead"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lifo"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
+def test_cuda_budgets_are_bit_identical(tiny, family, policy, prefetch, store):
+    path = tiny(family)
+    ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(0)).cuda()
+    full = moedeploy.load(path, dtype="float32", device="cuda")
+    want = run(full, family, ids)
+    for budget in (one_expert_per_layer(full), 0.5):
+        model = moedeploy.load(path, dtype="float32", device="cuda", expert_memory=budget, policy=policy,
+                               prefetch=prefetch, expert_store=store)
+        got = run(model, family, ids)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (budget, policy, prefetch, store)
+        stats = model.moedeploy.cache_stats()
+        assert stats["misses"] > 0 and stats["stall_s"] > 0
+        assert stats["peak_resident_bytes"] <= stats["budget_bytes"]
+        if prefetch and budget == 0.5:
+            assert stats["prefetched"] > 0 and stats["prefetch_s"] > 0
+        for pool in model.moedeploy.pools:
+            assert pool.slots.w_in.is_cuda and not pool.in_flight
+
+
+@cuda
+def test_cuda_host_experts_are_pinned_and_stay_on_the_host(tiny):
+    model = moedeploy.load(tiny("mixtral"), device="cuda", expert_memory=0.25)
+    for layer in model.moedeploy.layers.values():
+        assert layer.experts.w_in.device.type == "cpu" and layer.experts.w_in.is_pinned()
+        assert layer.router.weight.is_cuda
+    assert next(model.parameters()).is_cuda

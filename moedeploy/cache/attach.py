@@ -3,8 +3,6 @@ the hottest experts of a routing profile if one is given."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from ..errors import OptionError
 from ..layer import MoELayer
 from .budget import CacheConfig, device_bytes
@@ -15,9 +13,9 @@ from .pool import SlotPool
 
 def attach_cache(named: dict[str, MoELayer], config: CacheConfig, device) -> list[SlotPool]:
     layers = list(named.values())
-    if device.type != "cpu":
-        raise OptionError(f"expert buffering on {device.type} is not implemented yet (it needs a pinned host store "
-                          "and side-stream copies); use device='cpu', or no expert_memory budget")
+    if device.type not in ("cpu", "cuda"):
+        raise OptionError(f"expert buffering runs on cpu and cuda devices, not {device.type}; use one of those, "
+                          "or no expert_memory budget")
     if any(layer.gating.mode != "dynamic" for layer in layers):
         raise OptionError("an expert memory budget needs gating='dynamic' (static gating runs every expert)")
     sizes = {layer.experts.expert_bytes() for layer in layers}
@@ -44,11 +42,9 @@ def attach_cache(named: dict[str, MoELayer], config: CacheConfig, device) -> lis
     load = None
     if config.pin_profile is not None:
         load = profile_load(config.pin_profile, list(named), layers[0].experts.num_experts)  # [L, E]
-    # Prefetch copies run on one thread, like one copy engine, off the model's critical path.
-    copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moedeploy-copier") if config.prefetch else None
     pools = []
     for group in groups:
-        pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device, copier=copier)
+        pool = SlotPool(slots, make_policy(config.policy), group[0].experts, device, prefetch=bool(config.prefetch))
         for layer in group:
             layer.pool, layer.pool_index = pool, len(pool.stores)
             pool.register(layer.pool_index, layer.store)

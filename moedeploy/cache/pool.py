@@ -7,24 +7,24 @@ evicting what the policy picks among residents the caller does not need now; it 
 slot. `prefetch(keys)` loads predicted keys ahead of need: a later `acquire` of one is a hit (a
 useful prefetch), not a miss.
 
-On CPU the copies are real copies into the slot memory, so the logic and statistics are those of a
-device cache. Demand misses copy on the calling thread (a stall); prefetches copy on the pool's
-`copier`, a one-thread executor standing in for a copy engine, so they overlap the model's compute.
-A slot with a copy in flight is waited for before it is read or overwritten (the CPU form of an
-event); that wait counts as stall time. Read-only weights are never copied back. CUDA (a pinned
-host store, side-stream copies) is not implemented yet: `attach_cache` refuses other devices.
+Copies run through the pool's transfers (cache/transfer.py): on CPU, real copies into the slot
+memory (demand misses on the calling thread, prefetches on a one-thread copier), so the logic and
+statistics are those of a device cache; on CUDA, from pinned host memory, demand misses on the
+compute stream and prefetches on a side stream. A slot with a copy in flight is waited for before it
+is read or overwritten (a blocking wait on CPU, an event wait of the compute stream on CUDA); that
+wait counts as stall time. Read-only weights are never copied back.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import Executor, Future
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from ..experts import ExpertBank
 from .policies import Key, Policy
+from .transfer import transfers_for
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CacheStats:
     prefetch_hits: int = 0  # demand hits on a prefetched expert, at its first use
     bytes_moved: int = 0  # demand misses and prefetches
     stall_s: float = 0.0  # time spent copying experts in on demand, on the critical path
-    prefetch_s: float = 0.0  # time spent copying prefetched experts (on the copier, or inline without one)
+    prefetch_s: float = 0.0  # time spent copying prefetched experts (off the critical path)
     streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
     resident_bytes: list[int] = field(default_factory=list)  # after every acquire
     resident_at: list[float] = field(default_factory=list)  # time.perf_counter() of each of those acquires
@@ -59,9 +59,10 @@ def _slot_bank(like: ExpertBank, num_slots: int, device) -> ExpertBank:
 
 class SlotPool:
     def __init__(self, num_slots: int, policy: Policy, like: ExpertBank | None, device=None, expert_bytes: int = 0,
-                 copier: Executor | None = None):
+                 prefetch: bool = False):
         """Slots shaped like `like`'s experts on `device`; with like=None, bookkeeping only (the simulator):
-        no slot memory, and a load just counts `expert_bytes`. `copier` runs prefetch copies (None: inline)."""
+        no slot memory, and a load just counts `expert_bytes`. `prefetch`: prefetch copies overlap compute
+        (on CPU a copier thread; on CUDA the side stream is always used)."""
         self.num_slots = num_slots
         self.policy = policy
         self.slots = None if like is None else _slot_bank(like, num_slots, device)
@@ -71,8 +72,9 @@ class SlotPool:
         self.stores: dict[int, object] = {}  # layer -> its store (store.HostStore or store.DiskStore)
         self.unused_prefetch: set[Key] = set()  # prefetched, not yet needed
         self.pinned: set[Key] = set()  # resident for good (cache/pinning.py)
-        self.copier = copier if like is not None else None
-        self.in_flight: dict[int, Future] = {}  # slot -> its prefetch copy, not yet waited for
+        self.transfers = None if like is None else transfers_for(torch.device(device or "cpu"), lambda: self.stats,
+                                                                 prefetch)
+        self.in_flight: dict[int, object] = {}  # slot -> the handle of its prefetch copy, not yet waited for
         self.stats = CacheStats()
         self._now = 0
 
@@ -84,7 +86,9 @@ class SlotPool:
         assert len(self.pinned) + len(keys) < self.num_slots, "one slot at least stays under the policy"
         for key in keys:
             if key not in self.slot_of:
-                self._copy(key, self._place(key, self.pinned | {key}))
+                slot = self._place(key, self.pinned | {key})
+                if self.transfers is not None:
+                    self.transfers.demand(lambda: self._copy(key, slot))
             self.pinned.add(key)
         self.stats = CacheStats()
 
@@ -107,14 +111,16 @@ class SlotPool:
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1
-                self.stats.stall_s += self._wait(self.slot_of[key])  # a prefetch still copying: a late one
+                self._wait(self.slot_of[key])  # a prefetch still copying: a late one
                 if key in self.unused_prefetch:
                     self.stats.prefetch_hits += 1
                     self.unused_prefetch.discard(key)
                 self.policy.on_use(key, self._now)
                 continue
             self.stats.misses += 1
-            self.stats.stall_s += self._copy(key, self._place(key, needed))
+            slot = self._place(key, needed)
+            if self.transfers is not None:
+                self.transfers.demand(lambda: self._copy(key, slot))
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
         self.stats.resident_at.append(time.perf_counter())
         return [self.slot_of[k] for k in keys]
@@ -131,10 +137,10 @@ class SlotPool:
             self.stats.prefetched += 1
             self.unused_prefetch.add(key)
             slot = self._place(key, wanted)
-            if self.copier is None:
-                self.stats.prefetch_s += self._copy(key, slot)
-            else:
-                self.in_flight[slot] = self.copier.submit(self._copy_ahead, key, slot)
+            if self.transfers is not None:
+                handle = self.transfers.ahead(lambda key=key, slot=slot: self._copy(key, slot))
+                if handle is not None:
+                    self.in_flight[slot] = handle
 
     def _place(self, key: Key, protected: set[Key]) -> int:
         """Give `key` a slot, evicting the policy's pick among residents outside `protected`; the copy
@@ -145,38 +151,30 @@ class SlotPool:
             self.policy.on_evict(victim)
             self.unused_prefetch.discard(victim)
         slot = self.free.pop()
-        self.stats.stall_s += self._wait(slot)
+        self._wait(slot)
         self.slot_of[key] = slot
         self.policy.on_insert(key, self._now)
         self.stats.bytes_moved += self.expert_bytes
         return slot
 
-    def _copy(self, key: Key, slot: int) -> float:
-        """Copy expert `key` from its store into `slot`; the seconds it took."""
-        if self.slots is None:
-            return 0.0
+    def _copy(self, key: Key, slot: int) -> None:
+        """Copy expert `key` from its store into `slot` (on the stream or thread the transfers chose)."""
         layer, expert = key
-        start = time.perf_counter()
         for dst, src in zip(self.slots.tensors(), self.stores[layer].read(expert), strict=True):
-            dst[slot].copy_(src)  # converts to the model's dtype exactly as loading does
-        return time.perf_counter() - start
+            dst[slot].copy_(src, non_blocking=True)  # converts to the model's dtype exactly as loading does
 
-    def _copy_ahead(self, key: Key, slot: int) -> None:  # on the copier thread
-        self.stats.prefetch_s += self._copy(key, slot)
-
-    def _wait(self, slot: int) -> float:
-        """Block until `slot`'s prefetch copy is done; the seconds waited."""
-        future = self.in_flight.pop(slot, None)
-        if future is None:
-            return 0.0
-        start = time.perf_counter()
-        future.result()  # re-raises a failed copy here, on the model's thread
-        return time.perf_counter() - start
+    def _wait(self, slot: int) -> None:
+        """`slot`'s prefetch copy is done before anything after this reads or overwrites the slot."""
+        handle = self.in_flight.pop(slot, None)
+        if handle is not None:
+            self.transfers.wait(handle)
 
     def drain(self) -> None:
-        """Wait for every copy in flight."""
+        """Wait for every copy in flight and bring their times into the statistics."""
         for slot in list(self.in_flight):
             self._wait(slot)
+        if self.transfers is not None:
+            self.transfers.settle()
 
     def reset(self) -> None:
         """Empty every unpinned slot and forget the statistics (a cold start; pinned experts stay)."""

@@ -21,8 +21,8 @@ class Lookahead:
     def __call__(self, x: Tensor) -> None:  # x [T, D]: the current MoE layer's input
         E = self.target.experts.num_experts
         ids = self.target.router(x).ids  # [T, K]; E marks a pair a capacity router would drop
-        counts = torch.bincount(ids.reshape(-1), minlength=E + 1)[:E]  # [E]
-        wanted = [e for e in counts.argsort(descending=True, stable=True).tolist() if counts[e] > 0]
+        counts = torch.bincount(ids.reshape(-1), minlength=E + 1)[:E].tolist()  # one host sync
+        wanted = sorted((e for e in range(E) if counts[e]), key=lambda e: -counts[e])  # most-wanted first, ties by id
         self.target.pool.prefetch([(self.target.pool_index, e) for e in wanted])
 
 
