@@ -12,9 +12,14 @@ Every configuration runs in its own process, so its peak memory is its own:
 - `accelerate f`: transformers with `device_map="auto"`, `max_memory` = the dense weights plus the
   same fraction f of the expert bytes, the rest offloaded to disk by accelerate (`offload_folder`).
 
-On a CPU the "device" is host memory, so the comparison is memory budget vs disk. Decode rate is the
-median over rounds of tokens after the first per second; peak memory is sampled from /proc (anonymous
-resident memory: what the process holds, not the reclaimable page cache of memory-mapped files).
+On a CPU the "device" is host memory, so the comparison is memory budget vs disk. With `--device
+cuda` the device is the GPU: the budget is GPU memory for experts, moedeploy's other experts wait in
+pinned host memory (`--store host`) or on disk, and accelerate offloads to host memory
+(`max_memory={0: dense + f * experts, "cpu": ...}`); the run also measures the host-to-device
+bandwidth of pinned memory, and each budget's transfer bound: bytes moved per token / that bandwidth.
+Decode rate is the median over rounds of tokens after the first per second; peak memory is sampled
+from /proc (anonymous resident memory: what the process holds, not the reclaimable page cache of
+memory-mapped files), and on CUDA also the peak of GPU memory allocated by torch.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class Config:
     budget: float | None = None  # fraction of all expert bytes
     store: str = "disk"
     prefetch: str | None = "lookahead"  # moedeploy only
+    device: str = "cpu"
 
     @property
     def name(self) -> str:
@@ -86,6 +92,8 @@ class Row:
     prefetch_useful: float | None = None  # useful prefetches / prefetches
     mb_moved_per_token: float | None = None
     stall_ms_per_token: float | None = None  # waiting for demand copies and late prefetches
+    peak_device_mb: float | None = None  # CUDA: peak GPU memory allocated by torch
+    transfer_bound_ms_per_token: float | None = None  # CUDA: bytes moved per token / measured H2D bandwidth
 
 
 def weight_bytes(path: Path) -> tuple[int, int]:
@@ -115,14 +123,31 @@ def _load(cfg: Config, path: Path, offload_dir: str):
     from ..api import load
 
     if cfg.kind == "resident":
-        return load(path)
+        return load(path, device=cfg.device)
     if cfg.kind == "moedeploy":
-        return load(path, expert_memory=cfg.budget, expert_store=cfg.store, prefetch=cfg.prefetch)
+        return load(path, device=cfg.device, expert_memory=cfg.budget, expert_store=cfg.store, prefetch=cfg.prefetch)
     if cfg.kind == "transformers":
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(cfg.device)
     dense, experts = weight_bytes(path)
+    budget = int(dense + cfg.budget * experts)
+    max_memory = {"cpu": budget} if cfg.device == "cpu" else {0: budget, "cpu": 2**40}  # the rest: disk / host
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="auto", offload_folder=offload_dir,
-                                                max_memory={"cpu": int(dense + cfg.budget * experts)})
+                                                max_memory=max_memory)
+
+
+def h2d_bandwidth(nbytes: int = 2**28, repeats: int = 5) -> float:
+    """Bytes per second from pinned host memory to the GPU: the median of `repeats` copies of `nbytes`."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 1):  # the first warms up
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return nbytes / statistics.median(times[1:])
 
 
 def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, threads: int) -> dict:
@@ -141,8 +166,10 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
         start = time.perf_counter()
         model = _load(cfg, path, offload_dir)
         load_s = time.perf_counter() - start
-        ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids
+        ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids.to(model.device)
         _decode_rate(model, ids, 4)  # warm-up
+        if cfg.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         rates, out, cache = [], None, None
         for _ in range(rounds):
             runtime = getattr(model, "moedeploy", None)
@@ -152,8 +179,11 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
             rates.append(rate)
             cache = runtime.cache_stats() if runtime else None
     anon, rss = PeakMemory.now()
+    cuda = cfg.device == "cuda"
     return dict(rate=statistics.median(rates), tokens=out[0].tolist(), load_s=load_s, cache=cache,
-                peak_anon=max(memory.peak_anon, anon), peak_rss=max(memory.peak_rss, rss))
+                peak_anon=max(memory.peak_anon, anon), peak_rss=max(memory.peak_rss, rss),
+                peak_device=torch.cuda.max_memory_allocated() if cuda else None,
+                h2d=h2d_bandwidth() if cuda and cfg.kind == "resident" else None)
 
 
 def _spawn(cfg: Config, args, timeout: float) -> dict:
@@ -174,17 +204,20 @@ def _spawn(cfg: Config, args, timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench(args, progress=print) -> list[Row]:
-    configs = [Config("resident"), Config("transformers")]
+def bench(args, progress=print) -> tuple[list[Row], float | None]:
+    """The rows, and on CUDA the measured host-to-device bandwidth (bytes/s)."""
+    dev = args.device
+    configs = [Config("resident", device=dev), Config("transformers", device=dev)]
     for b in args.budgets:
-        configs += [Config("moedeploy", b, args.store, prefetch) for prefetch in args.prefetch]
-        configs += [Config("accelerate", b)]
-    configs += [Config("resident")]
+        configs += [Config("moedeploy", b, args.store, prefetch, dev) for prefetch in args.prefetch]
+        configs += [Config("accelerate", b, device=dev)]
+    configs += [Config("resident", device=dev)]
     results = []
     for cfg in configs:
         progress(f"bench offload: {cfg.name} ...")
         results.append((cfg, _spawn(cfg, args, args.timeout)))
     base = (results[0][1]["rate"] + results[-1][1]["rate"]) / 2
+    h2d = results[0][1]["h2d"]
     rows = []
     for cfg, r in results:
         cache = r["cache"]
@@ -196,8 +229,11 @@ def bench(args, progress=print) -> list[Row]:
                         miss_rate=cache and round(cache["miss_rate"], 4),
                         prefetch_useful=cache and round(cache["prefetch_hits"] / max(cache["prefetched"], 1), 3),
                         mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / tokens, 3),
-                        stall_ms_per_token=cache and round(cache["stall_s"] * 1e3 / tokens, 3)))
-    return rows
+                        stall_ms_per_token=cache and round(cache["stall_s"] * 1e3 / tokens, 3),
+                        peak_device_mb=None if r["peak_device"] is None else round(r["peak_device"] / 2**20, 1),
+                        transfer_bound_ms_per_token=None if not (cache and h2d) else
+                        round(cache["bytes_moved"] / tokens / h2d * 1e3, 3)))
+    return rows, h2d
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -208,6 +244,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the budget is: host memory or the GPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one configuration may take")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
@@ -226,22 +263,28 @@ def run(args: argparse.Namespace) -> int:
         raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
     args.prefetch = [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",") if p.strip()]
     args.model_path = Path(args.model) if args.model else DEMO_MODEL
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise MoeDeployError("bench offload --device cuda: torch sees no CUDA device here")
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    rows = bench(args, progress=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr))
+    rows, h2d = bench(args, progress=(lambda line: None) if args.json else lambda line: print(line, file=sys.stderr))
     dense, experts = weight_bytes(args.model_path)
     report = {"benchmark": "moedeploy bench offload", "date": started, "machine": asdict(machine()),
               "model": str(args.model_path), "dense_bytes": dense, "expert_bytes": experts, "store": args.store,
+              "device": args.device, "h2d_bytes_per_s": h2d,
               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "rows": [asdict(r) for r in rows]}
     if not args.json:
         print(f"{'config':>28s} {'decode tok/s':>12s} {'vs resident':>11s} {'same':>5s} {'peak anon MB':>12s} "
-              f"{'peak RSS MB':>11s} {'miss':>6s} {'useful pf':>9s} {'MB/token':>8s} {'stall ms/tok':>12s}")
+              f"{'peak RSS MB':>11s} {'miss':>6s} {'useful pf':>9s} {'MB/token':>8s} {'stall ms/tok':>12s}"
+              + (f" {'GPU MB':>10s} {'bound ms':>9s}" if args.device == "cuda" else ""))
         for r in rows:
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             print(f"{r.config:>28s} {r.decode_tokens_per_s:12.2f} {r.ratio_to_resident:10.3f}x {str(r.identical):>5s} "
                   f"{r.peak_anon_mb:12.1f} {r.peak_rss_mb:11.1f} {fmt(r.miss_rate, '.3f'):>6s} "
                   f"{fmt(r.prefetch_useful, '.2f'):>9s} {fmt(r.mb_moved_per_token, '.2f'):>8s} "
-                  f"{fmt(r.stall_ms_per_token, '.2f'):>12s}")
+                  f"{fmt(r.stall_ms_per_token, '.2f'):>12s}"
+                  + (f" {fmt(r.peak_device_mb, '.1f'):>10s} {fmt(r.transfer_bound_ms_per_token, '.2f'):>9s}"
+                     if args.device == "cuda" else ""))
     print(json.dumps(report))
     return 0 if all(r.identical for r in rows if r.config.startswith(("moedeploy", "resident"))) else 1
 

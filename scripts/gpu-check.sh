@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU and its own Python (torch >= 2.11, transformers >= 5.17, accelerate,
+# pytest), from the repository root, without installing moedeploy: the CUDA tests of expert buffering,
+# then the end-to-end offload benchmark on the GPU. Results go to OUT_DIR (default $OUT).
+#   scripts/gpu-check.sh [OUT_DIR]
+set -o pipefail
+out=${1:-${OUT:?give an output folder}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
+python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name())' || exit 2
+nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$out/gpu.txt"
+python3 -m pytest -q -x -p no:cacheprovider tests/test_cache.py -k "cuda or identical" 2>&1 | tee "$out/cuda-tests.log"
+tests=$?
+# The same 2.4 GB random Qwen3-MoE as the CPU run in docs/benchmarks.md ("End to end").
+python3 -m moedeploy make-tiny --family qwen3_moe --out /tmp/wide --set hidden_size=1024 --set num_hidden_layers=6 \
+  --set num_experts=64 --set num_experts_per_tok=8 --set moe_intermediate_size=512 >/dev/null || exit 3
+python3 -m moedeploy bench offload --device cuda --model /tmp/wide --store host --budgets 0.1,0.25,0.5,1.0 \
+  --new-tokens 32 --rounds 3 --prefetch lookahead,none --timeout 300 2>&1 | tee "$out/offload-cuda.log"
+exit $tests
