@@ -243,12 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_load_options(e)
     e.set_defaults(func=cmd_eval_ppl)
 
-    tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 45 minutes on 2 cores)")
+    tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 50 minutes on 2 cores)")
     tr.add_argument("--out", required=True)
     tr.add_argument("--cache", default=os.path.expanduser("~/.cache/moedeploy"), help="where the text is downloaded")
-    tr.add_argument("--steps", type=int, help="default: TrainConfig.steps (2000)")
+    tr.add_argument("--steps", type=int, help="default: TrainConfig.steps (3600)")
     tr.add_argument("--threads", type=int, help="default: TrainConfig.threads (2)")
-    tr.add_argument("--dropout", type=float, help="residual dropout in training (default 0: the shipped model's)")
+    tr.add_argument("--dropout", type=float, help="residual dropout in training (default: TrainConfig.dropout, 0.1)")
     tr.add_argument("--seed", type=int, default=0)
     tr.set_defaults(func=cmd_train_demo)
 

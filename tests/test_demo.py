@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 import moedeploy
@@ -123,3 +124,12 @@ def test_residual_dropout_acts_in_training_only():
         assert torch.equal(model(ids).logits, before)  # eval: the hooks change nothing
         model.train()
         assert not torch.equal(model(ids).logits, model(ids).logits)  # training: random masks
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    from moedeploy.demo.train import lr_at
+
+    cfg = TrainConfig(steps=1000, warmup=100, lr=1e-3, lr_floor=0.0)
+    assert lr_at(0, cfg) == 1e-5 and lr_at(99, cfg) == 1e-3 and lr_at(100, cfg) == 1e-3
+    assert lr_at(550, cfg) == pytest.approx(5e-4) and lr_at(1000, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(1000, TrainConfig(steps=1000, warmup=100, lr=1e-3, lr_floor=0.1)) == pytest.approx(1e-4)

