@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export HF_HUB_OFFLINE=1
-exec .venv/bin/moedeploy generate --prompt "${1:-ROMEO.}" --max-new-tokens 48 --json
+# Half of the expert bytes resident (LRU): outputs are identical to the unbudgeted run, and stats.cache
+# shows the hits, misses, bytes moved and stall time.
+exec .venv/bin/moedeploy generate --prompt "${1:-ROMEO.}" --max-new-tokens 48 --expert-memory 0.5 --json
