@@ -90,6 +90,7 @@ class SlotPool:
                 if self.transfers is not None:
                     self.transfers.demand(lambda: self._copy(key, slot))
             self.pinned.add(key)
+        self.drain()  # the setting-up copies' times (CUDA: pending events) land in the discarded stats
         self.stats = CacheStats()
 
     def chunks(self, keys: list[Key]) -> list[list[Key]]:
