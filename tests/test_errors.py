@@ -174,3 +174,6 @@ def test_checking_a_family_without_adapter_leaves_the_loaded_weights_alone(tiny)
     model = moedeploy.load(tiny("flex_olmo"), dtype="bfloat16")
     layer = next(iter(model.moedeploy.layers.values()))
     assert layer.experts.w_in.dtype == layer.router.weight.dtype == torch.bfloat16
+    # Under a budget the bank stays in host memory when the model moves; the check still runs in float32.
+    budgeted = moedeploy.load(tiny("flex_olmo"), dtype="bfloat16", expert_memory=0.5)
+    assert next(iter(budgeted.moedeploy.layers.values())).experts.w_in.dtype == torch.bfloat16

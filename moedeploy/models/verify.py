@@ -45,7 +45,9 @@ def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str)
             f"does not know how to use ({', '.join(unknown)}); this family needs an adapter in moedeploy/models/"
         )
     hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    ours = copy.deepcopy(layer, memo={id(layer.store): layer.store}).float()  # a store holds open files: shared
+    ours = copy.deepcopy(layer, memo={id(layer.store): layer.store})  # a store holds open files: shared
+    ours.experts.on_host = False  # a buffered layer's bank stays put when moved; this copy must convert
+    ours = ours.float()
     if on_disk:
         ours.experts = experts  # already float32; never the loaded layer's own bank, which must keep its dtype
     x = torch.randn(2, 9, layer.experts.hidden_size, generator=torch.Generator().manual_seed(0))
