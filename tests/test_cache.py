@@ -87,9 +87,15 @@ def test_disk_store_is_bit_identical_and_holds_no_experts_in_memory(tiny, family
         assert stats["bytes_moved"] == stats["misses"] * one_expert_per_layer(full) // len(model.moedeploy.layers)
 
 
+def two_moe_layers(family: str) -> dict:
+    """Config overrides that give the tiny model two MoE layers, so the lookahead has a layer to prefetch
+    for (tiny DeepSeek-V3's first layer is dense)."""
+    return {"num_hidden_layers": 3} if family == "deepseek_v3" else {}
+
+
 @pytest.mark.parametrize("family", FAMILIES + ["mixtral"])
 def test_lookahead_prefetch_is_bit_identical(tiny, family):
-    path = tiny(family, **({"num_hidden_layers": 3} if family == "deepseek_v3" else {}))  # two MoE layers
+    path = tiny(family, **two_moe_layers(family))
     ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(4))
     full = moedeploy.load(path, dtype="float32")
     want = run(full, family, ids)
@@ -311,7 +317,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("policy", ["lru", "lfu", "fifo", "lifo"])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_cuda_budgets_are_bit_identical(tiny, family, policy, prefetch, store):
-    path = tiny(family)
+    path = tiny(family, **two_moe_layers(family))
     ids = torch.randint(3, 320, (2, 11), generator=torch.Generator().manual_seed(0)).cuda()
     full = moedeploy.load(path, dtype="float32", device="cuda")
     want = run(full, family, ids)
