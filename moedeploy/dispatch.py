@@ -32,30 +32,44 @@ class Plan:
     counts: Tensor  # [E] pairs per expert (dropped pairs not counted)
     offsets: Tensor  # [E] int32 end row of each expert's group: cumsum(counts), torch._grouped_mm's `offs`
     may_drop: bool  # True when some pairs may carry the dropped sentinel (capacity routers)
+    sizes: list[int] | None = None  # counts, when the host already knows them (spares the loop a sync)
 
     @property
     def num_experts(self) -> int:
         return self.counts.shape[0]
 
 
-def plan(routing: Routing, num_experts: int, may_drop: bool = False) -> Plan:
-    """Sort pairs by expert and count them. Pairs whose id is `num_experts` (dropped) sort last."""
+def plan(routing: Routing, num_experts: int, may_drop: bool = False, sizes: list[int] | None = None) -> Plan:
+    """Sort pairs by expert and count them. Pairs whose id is `num_experts` (dropped) sort last.
+    `sizes`: the counts as the caller already has them on the host."""
     ids = routing.ids.reshape(-1)  # [P]
     K = routing.ids.shape[-1]
     order = torch.argsort(ids, stable=True)  # stable: within an expert, tokens stay in order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(ids, minlength=num_experts + 1)[:num_experts]  # [E]
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E]
+    ends = _ends(ids[order], num_experts)  # [E] end row of each expert's group in the sorted order
     return Plan(
         order=order,
         inverse=inverse,
         tokens=order // K,
         weights=routing.weights,
-        counts=counts,
-        offsets=offsets,
+        counts=torch.diff(ends, prepend=ends.new_zeros(1)),
+        offsets=ends.to(torch.int32),
         may_drop=may_drop,
+        sizes=sizes,
     )
+
+
+def count(ids: Tensor, num_experts: int) -> Tensor:
+    """ids (any shape, values 0..E; E marks a dropped pair) -> [E] pairs per expert, dropped ones not
+    counted. Unlike torch.bincount, no host sync on CUDA (bincount reads the largest id to size its output)."""
+    ends = _ends(ids.reshape(-1).sort().values, num_experts)
+    return torch.diff(ends, prepend=ends.new_zeros(1))
+
+
+def _ends(sorted_ids: Tensor, num_experts: int) -> Tensor:
+    """[E] how many sorted ids are <= e, for each expert e: the end row of its group."""
+    return torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True)
 
 
 def gather(x: Tensor, p: Plan) -> Tensor:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from . import kernels
-from .dispatch import combine, gather, plan, weighted_sum
+from .dispatch import combine, count, gather, plan, weighted_sum
 from .errors import OptionError
 from .experts import ExpertBank
 from .routing import NllbTop2, Router, Routing, SwitchTop1
@@ -119,7 +119,7 @@ class MoELayer(nn.Module):
                 result = static_moe(x, routing, self.experts, groups,
                                     self._static_capacity(x.shape[0] // groups, routing))
             y = result.y
-            self.expert_counts += torch.bincount(routing.ids.reshape(-1), minlength=E + 1)[:E]
+            self.expert_counts += count(routing.ids, E)
             self.dropped_pairs += result.dropped + (routing.ids == E).sum()
         if self._shared is not None:
             with _label("moe.shared"):
@@ -134,8 +134,11 @@ class MoELayer(nn.Module):
         slots in chunks that fit; every pair's row lands in one buffer in token order, and one weighted
         sum at the end makes the output bit-identical to the fully resident layer."""
         E, S = self.experts.num_experts, self.pool.num_slots
-        counts = torch.bincount(routing.ids.reshape(-1), minlength=E + 1)[:E]  # [E]
-        per_expert = counts.tolist()  # host sync: the cache decides on the host what to fetch
+        counts = count(routing.ids, E)  # [E]
+        guess = None if self.lookahead is None else self.lookahead.counts(x)  # [E'] the next layer's picks
+        # The one host sync of the layer: the cache decides on the host what to fetch.
+        host = (counts if guess is None else torch.cat([counts, guess])).tolist()
+        per_expert, next_counts = host[:E], host[E:]
         needed = [e for e, n in enumerate(per_expert) if n]
         pairs = torch.zeros(routing.ids.numel(), x.shape[-1], dtype=x.dtype, device=x.device)  # [T*K, D]
         chunks = self.pool.chunks([(self.pool_index, e) for e in needed])
@@ -145,21 +148,23 @@ class MoELayer(nn.Module):
             chunk = [e for _, e in keys]
             with _label("moe.transfer"):
                 slots = self.pool.acquire(keys)
-            remap = torch.full((E + 1,), S, dtype=torch.long, device=x.device)  # experts outside the chunk -> dropped
-            remap[torch.tensor(chunk, device=x.device)] = torch.tensor(slots, device=x.device)
+            sizes = [0] * S  # pairs per slot, known here: the loop kernel needs no sync
+            for e, s in zip(chunk, slots):
+                sizes[s] = per_expert[e]
             with _label("moe.dispatch"):
-                p = plan(Routing(remap[routing.ids], routing.weights), S, may_drop=True)
+                p = plan(Routing(_remap(chunk, slots, E, S, x.device)[routing.ids], routing.weights), S,
+                         may_drop=True, sizes=sizes)
                 x_sorted = gather(x, p)
             with _label("moe.experts"):
                 y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.pool.slots)  # [P, D]
-            n = sum(per_expert[e] for e in chunk)  # this chunk's rows come first in the plan
+            n = sum(sizes)  # this chunk's rows come first in the plan
             pairs.index_copy_(0, p.order[:n], y_sorted[:n])
         self.expert_counts += counts
         if self.may_drop:
             self.dropped_pairs += (routing.ids == E).sum()
-        if self.lookahead is not None:  # after this layer's experts ran: their slots may be reused
+        if self.lookahead is not None:  # after this layer's experts are queued: their slots may be reused
             with _label("moe.prefetch"):
-                self.lookahead(x)
+                self.lookahead.prefetch(next_counts)
         with _label("moe.combine"):
             return weighted_sum(pairs, routing.weights)
 
@@ -178,3 +183,11 @@ class MoELayer(nn.Module):
         self.expert_counts.zero_()
         self.dropped_pairs.zero_()
         self.routed_pairs = 0
+
+
+def _remap(chunk: list[int], slots: list[int], E: int, S: int, device) -> Tensor:
+    """[E + 1] expert id -> slot for the chunk's experts, S (dropped) for every other id. Built on the
+    host and sent without a sync (a pageable non-blocking copy is staged at once)."""
+    remap = torch.full((E + 1,), S, dtype=torch.long)
+    remap[chunk] = torch.tensor(slots, dtype=torch.long)
+    return remap.to(device, non_blocking=True)

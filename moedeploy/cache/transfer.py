@@ -59,7 +59,8 @@ class HostCopies:
 class StreamCopies:
     def __init__(self, stats_of: Callable[[], object], device: torch.device):
         self.stats_of = stats_of
-        self.device = device
+        # With its index: torch looks up the current device for a bare "cuda", at every stream query.
+        self.device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         self.stream = torch.cuda.Stream(device)  # the side stream: a copy engine works it
         self.pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []  # (stats field, start, end)
 

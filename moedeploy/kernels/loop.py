@@ -13,7 +13,8 @@ from ..experts import ExpertBank
 def loop_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
     y = torch.empty(x_sorted.shape[0], bank.hidden_size, dtype=x_sorted.dtype, device=x_sorted.device)  # [P, D]
     start = 0
-    for e, n in enumerate(p.counts.tolist()):  # host sync: the loop needs each expert's row count
+    sizes = p.sizes if p.sizes is not None else p.counts.tolist()  # host sync unless the plan brought them
+    for e, n in enumerate(sizes):  # the loop needs each expert's row count
         if n == 0:
             continue
         rows = slice(start, start + n)

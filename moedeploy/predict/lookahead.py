@@ -3,26 +3,33 @@
 The residual stream changes little from one layer to the next, so layer l+1's router applied to the
 hidden states entering layer l's MoE block ranks layer l+1's experts well before they are needed
 (the idea behind Pre-gated MoE and MoE-Infinity's prefetching). After layer l's experts have run,
-its `MoELayer` calls `Lookahead(x)`: the experts the next router would pick, most-wanted first, go
-to the next layer's pool as a prefetch. Outputs never change: a prefetch only decides what is
+its `MoELayer` asks `Lookahead.counts(x)` for the experts the next router would pick (brought to the
+host in the same sync as the layer's own counts), and once its experts are queued, `prefetch` sends
+them, most-wanted first, to the next layer's pool. Outputs never change: a prefetch only decides what is
 resident; a wrong guess costs a copy (`stats.prefetched - stats.prefetch_hits`) and maybe a slot.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
+
+from ..dispatch import count
 
 
 class Lookahead:
     def __init__(self, target):
         self.target = target  # the next MoELayer, with a pool
 
-    def __call__(self, x: Tensor) -> None:  # x [T, D]: the current MoE layer's input
+    def counts(self, x: Tensor) -> Tensor:
+        """x [T, D], the current MoE layer's input -> [E] pairs the next router would send to each expert.
+        On the device: the caller brings them to the host in the same sync as its own counts."""
         E = self.target.experts.num_experts
-        ids = self.target.router(x).ids  # [T, K]; E marks a pair a capacity router would drop
-        counts = torch.bincount(ids.reshape(-1), minlength=E + 1)[:E].tolist()  # one host sync
-        wanted = sorted((e for e in range(E) if counts[e]), key=lambda e: -counts[e])  # most-wanted first, ties by id
+        return count(self.target.router(x).ids, E)  # ids [T, K]; E marks a pair a capacity router would drop
+
+    def prefetch(self, counts: list[int]) -> None:
+        """Prefetch the next layer's predicted experts, most-wanted first (ties by id). Call it once the
+        current layer's experts are queued: their slots may then be reused."""
+        wanted = sorted((e for e, n in enumerate(counts) if n), key=lambda e: -counts[e])
         self.target.pool.prefetch([(self.target.pool_index, e) for e in wanted])
 
 
