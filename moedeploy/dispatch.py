@@ -47,14 +47,14 @@ def plan(routing: Routing, num_experts: int, may_drop: bool = False, sizes: list
     order = torch.argsort(ids, stable=True)  # stable: within an expert, tokens stay in order
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    ends = _ends(ids[order], num_experts)  # [E] end row of each expert's group in the sorted order
+    counts = count(ids, num_experts)  # [E]
     return Plan(
         order=order,
         inverse=inverse,
         tokens=order // K,
         weights=routing.weights,
-        counts=torch.diff(ends, prepend=ends.new_zeros(1)),
-        offsets=ends.to(torch.int32),
+        counts=counts,
+        offsets=torch.cumsum(counts, dim=0, dtype=torch.int32),
         may_drop=may_drop,
         sizes=sizes,
     )
@@ -62,14 +62,18 @@ def plan(routing: Routing, num_experts: int, may_drop: bool = False, sizes: list
 
 def count(ids: Tensor, num_experts: int) -> Tensor:
     """ids (any shape, values 0..E; E marks a dropped pair) -> [E] pairs per expert, dropped ones not
-    counted. Unlike torch.bincount, no host sync on CUDA (bincount reads the largest id to size its output)."""
-    ends = _ends(ids.reshape(-1).sort().values, num_experts)
+    counted. torch.bincount on CPU; elsewhere `count_without_sync`, since bincount reads the largest id
+    on the host to size its output (a sync on CUDA)."""
+    flat = ids.reshape(-1)
+    if flat.device.type == "cpu":
+        return torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    return count_without_sync(flat, num_experts)
+
+
+def count_without_sync(ids: Tensor, num_experts: int) -> Tensor:
+    """`count` by sorting and searching: each expert's end row in sorted order, differenced."""
+    ends = torch.searchsorted(ids.reshape(-1).sort().values, torch.arange(num_experts, device=ids.device), right=True)
     return torch.diff(ends, prepend=ends.new_zeros(1))
-
-
-def _ends(sorted_ids: Tensor, num_experts: int) -> Tensor:
-    """[E] how many sorted ids are <= e, for each expert e: the end row of its group."""
-    return torch.searchsorted(sorted_ids, torch.arange(num_experts, device=sorted_ids.device), right=True)
 
 
 def gather(x: Tensor, p: Plan) -> Tensor:
