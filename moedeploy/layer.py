@@ -80,7 +80,8 @@ class MoELayer(nn.Module):
         self.pool_index = 0
         # Where this layer's experts wait for the pool (store.HostStore or store.DiskStore); set by the loader.
         self.store = None
-        # Prefetcher for the next MoE layer (predict/lookahead.py), called after this layer's experts ran.
+        # Prefetcher for the next MoE layer (predict/lookahead.py): its guess comes to the host with this
+        # layer's counts; its prefetch is sent once this layer's experts are queued.
         self.lookahead = None
 
     @property

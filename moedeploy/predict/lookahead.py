@@ -2,11 +2,11 @@
 
 The residual stream changes little from one layer to the next, so layer l+1's router applied to the
 hidden states entering layer l's MoE block ranks layer l+1's experts well before they are needed
-(the idea behind Pre-gated MoE and MoE-Infinity's prefetching). After layer l's experts have run,
-its `MoELayer` asks `Lookahead.counts(x)` for the experts the next router would pick (brought to the
-host in the same sync as the layer's own counts), and once its experts are queued, `prefetch` sends
-them, most-wanted first, to the next layer's pool. Outputs never change: a prefetch only decides what is
-resident; a wrong guess costs a copy (`stats.prefetched - stats.prefetch_hits`) and maybe a slot.
+(the idea behind Pre-gated MoE and MoE-Infinity's prefetching). Layer l's `MoELayer` asks
+`Lookahead.counts(x)` for the experts the next router would pick along with its own counts (one host
+sync for both), and once its own experts are queued, `prefetch` sends them, most-wanted first, to
+the next layer's pool. Outputs never change: a prefetch only decides what is resident; a wrong
+guess costs a copy (`stats.prefetched - stats.prefetch_hits`) and maybe a slot.
 """
 
 from __future__ import annotations
