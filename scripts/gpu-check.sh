@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and its own Python (torch >= 2.11, transformers >= 5.17, accelerate,
-# pytest, pytest-timeout), from the repository root, without installing moedeploy: the CUDA tests of expert buffering,
-# then the end-to-end offload benchmark on the GPU. Results go to OUT_DIR (default $OUT).
+# pytest, pytest-timeout), from the repository root, without installing moedeploy: the CUDA tests of
+# expert buffering, then the end-to-end offload benchmark on the GPU. Results go to OUT_DIR (default $OUT).
 #   scripts/gpu-check.sh [OUT_DIR]
 set -o pipefail
 out=${1:-${OUT:?give an output folder}}
