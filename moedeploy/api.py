@@ -77,6 +77,11 @@ class Runtime:
         for layer in self.layers.values():
             layer.reset_stats()
 
+    def empty_cache(self) -> None:
+        """A cold start: every pool drops its unpinned experts and forgets its statistics."""
+        for pool in self.pools:
+            pool.reset()
+
 
 def resident_over_time(stats: list) -> list[tuple[float, int]]:
     """Resident expert bytes of all pools together after each acquire, with seconds since the first:

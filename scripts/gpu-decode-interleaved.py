@@ -24,8 +24,8 @@ from moedeploy.bench.cache import _decode_rate
 
 
 def reset(model) -> None:
-    for pool in model.moedeploy.pools if hasattr(model, "moedeploy") else ():
-        pool.reset()
+    if hasattr(model, "moedeploy"):  # transformers' own model has no cache
+        model.moedeploy.empty_cache()
 
 
 def profile(model, ids, tokens: int) -> None:

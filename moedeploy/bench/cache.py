@@ -68,8 +68,7 @@ def bench(model_path, budgets, policies, new_tokens: int, rounds: int, prompt: s
     outputs = {}
     for _ in range(rounds):
         for i, (_, _, model) in enumerate(configs):
-            for pool in model.moedeploy.pools:
-                pool.reset()
+            model.moedeploy.empty_cache()
             rate, out = _decode_rate(model, ids, new_tokens)
             rates[i].append(rate)
             outputs[i] = out

@@ -173,8 +173,8 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
         rates, out, cache = [], None, None
         for _ in range(rounds):
             runtime = getattr(model, "moedeploy", None)
-            for pool in runtime.pools if runtime else ():
-                pool.reset()  # every round from an empty cache
+            if runtime:
+                runtime.empty_cache()  # every round from an empty cache
             rate, out = _decode_rate(model, ids, new_tokens)
             rates.append(rate)
             cache = runtime.cache_stats() if runtime else None
