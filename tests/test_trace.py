@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+import transformers as T
 from transformers import AutoTokenizer
 
 import moedeploy
@@ -93,6 +94,62 @@ def test_every_plain_forward_opens_new_requests(tiny):
     assert trace.request.tolist() == np.repeat([0, 1, 2, 3, 4], [7, 7, 7, 4, 4]).tolist()
     assert trace.position[:7].tolist() == list(range(7)) and (trace.token[:21] == ids.reshape(-1).numpy()).all()
 
+
+
+def _cache_keyword(model) -> str:
+    """The name this transformers version gives the KV cache in a causal LM's forward
+    (`past_key_values` up to 5.23, `cache` from 5.24)."""
+    import inspect
+
+    names = [n for n in ("cache", "past_key_values") if n in inspect.signature(model.forward).parameters]
+    assert names, f"transformers {T.__version__}: the causal LM forward takes no cache keyword any more"
+    return names[0]
+
+
+def test_generate_hands_forward_a_cache_object(tiny):
+    """The public contract the recorder leans on (trace/record.py `past_length`): on every decode step of
+    `generate`, the model's forward receives a `transformers.Cache` (under whatever keyword) holding the
+    tokens before the step. A transformers version that stops doing so fails here, by name."""
+    model = moedeploy.load(tiny("qwen3_moe"))
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append([c.get_seq_length() for c in (*args, *kwargs.values())
+                                             if isinstance(c, T.Cache)]), with_kwargs=True)
+    with torch.inference_mode():
+        model.generate(torch.randint(3, 300, (1, 6)), max_new_tokens=4, do_sample=False)
+    hook.remove()
+    assert seen == [[0], [6], [7], [8]], f"transformers {T.__version__} passes caches as {seen}"
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_manual_decode_loop_is_recorded_as_decode(tiny, with_mask):
+    """A hand-written prefill + decode loop, the cache passed under this version's keyword, with and without
+    an attention mask: phases and positions come from what the call carries, not from a keyword's name."""
+    model = moedeploy.load(tiny("qwen3_moe"))
+    ids = torch.randint(3, 300, (2, 5))
+    key = _cache_keyword(model)
+    with torch.inference_mode(), record(model) as rec:
+        out = model(input_ids=ids, use_cache=True, **({"attention_mask": torch.ones_like(ids)} if with_mask else {}))
+        cache = next(v for v in out.values() if isinstance(v, T.Cache))
+        for step in range(3):
+            nxt = out.logits[:, -1:].argmax(-1)
+            mask = {"attention_mask": torch.ones(2, 6 + step, dtype=torch.long)} if with_mask else {}
+            out = model(input_ids=nxt, use_cache=True, **{key: cache}, **mask)
+    trace = rec.trace()
+    assert trace.phase.tolist() == [PHASES.index("prefill")] * 10 + [PHASES.index("decode")] * 6
+    assert trace.request.tolist() == [0] * 5 + [1] * 5 + [0, 1] * 3
+    assert trace.position.tolist() == list(range(5)) * 2 + [5, 5, 6, 6, 7, 7]
+
+
+def test_decode_on_a_cache_filled_outside_the_recording_is_refused(tiny):
+    model = moedeploy.load(tiny("qwen3_moe"))
+    ids = torch.randint(3, 300, (1, 5))
+    with torch.inference_mode():
+        cache = next(v for v in model(input_ids=ids, use_cache=True).values() if isinstance(v, T.Cache))
+        with record(model) as rec:
+            model(input_ids=ids[:, :2])  # a prefill of 2 tokens, then a decode that continues 5
+            with pytest.raises(TraceError, match="continues 5 earlier tokens per row, but the recorder saw 2"):
+                model(input_ids=ids[:, :1], use_cache=True, **{_cache_keyword(model): cache})
 
 def test_nothing_recorded_is_an_error(tiny):
     model = moedeploy.load(tiny("mixtral"))

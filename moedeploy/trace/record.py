@@ -5,9 +5,14 @@
     model forward returns ─► post-hook: stack L layers ─► one copy to the host per step
 
 Works with anything that calls the model's forward: `model(...)`, `model.generate(...)`, perplexity
-evaluation, benchmarks. Each prefill step (no cache yet) opens new requests, one per batch row; decode
-steps continue the rows' requests. Padding tokens (attention mask 0) are routed by the model but not
-recorded. When no recorder is attached a MoE layer pays one `if`.
+evaluation, benchmarks. Each prefill step (nothing seen before) opens new requests, one per batch row;
+decode steps continue the rows' requests. Padding tokens (attention mask 0) are routed by the model but
+not recorded. When no recorder is attached a MoE layer pays one `if`.
+
+Prefill or decode is decided from what a forward call carries whatever its keywords are named (they
+change between transformers versions: 5.24 renamed `past_key_values` to `cache`): any `transformers.Cache`
+argument's length and a 2-D attention mask longer than the step. A decode step must continue exactly the
+tokens the recorder counted for its rows, or recording stops with a TraceError rather than guess.
 
 What it does not do: encoder-decoder models (encoder and decoder tokens differ, so one token column
 cannot describe both; raises TraceError), statistics (stats.py), files beyond `write` (io.py).
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import Cache
 
 from ..errors import TraceError
 from .schema import PHASES, Trace, TraceMeta
@@ -45,6 +51,7 @@ class Recorder:
         self._chunks: list[dict[str, np.ndarray]] = []  # one per step, host arrays
         self._step: dict | None = None  # the step in flight: its inputs, and routing per layer
         self._rows: np.ndarray | None = None  # [B] request id of each batch row, from the last prefill
+        self._seen = 0  # tokens each row has passed (padding included) since that prefill
         self._next_request = 0
         self._steps = 0
 
@@ -61,11 +68,9 @@ class Recorder:
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         shape = tuple(ids.shape) if ids is not None else tuple(embeds.shape[:2])  # (B, S)
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-        self._step = {"ids": ids, "shape": shape, "mask": kwargs.get("attention_mask"),
-                      "positions": kwargs.get("position_ids"), "past": int(past),
-                      "routing": [None] * len(self.layers)}
+        mask = kwargs.get("attention_mask")
+        self._step = {"ids": ids, "shape": shape, "mask": mask, "positions": kwargs.get("position_ids"),
+                      "past": past_length(args, kwargs, mask, shape[1]), "routing": [None] * len(self.layers)}
 
     def _after(self, module, args, kwargs, output) -> None:
         step, self._step = self._step, None
@@ -84,8 +89,13 @@ class Recorder:
         if prefill:
             self._rows = np.arange(self._next_request, self._next_request + B, dtype=np.int32)
             self._next_request += B
+            self._seen = 0
         elif self._rows is None or len(self._rows) != B:
             raise TraceError("a decode step arrived without a matching prefill (batch rows changed)")
+        elif step["past"] != self._seen:
+            raise TraceError(f"a decode step continues {step['past']} earlier tokens per row, but the recorder "
+                             f"saw {self._seen}: the cache was filled outside the recording; record from the prefill")
+        self._seen += S
         keep, position = self._positions(step, B, S)  # [B, S] bool, [B, S] int
         tokens = step["ids"].to("cpu").numpy().astype(np.int32) if step["ids"] is not None else np.full((B, S), -1)
         flat = keep.reshape(-1)
@@ -127,6 +137,17 @@ class Recorder:
         from .io import write_trace
 
         return write_trace(self.trace(), path)
+
+
+def past_length(args: tuple, kwargs: dict, mask: torch.Tensor | None, S: int) -> int:
+    """Tokens each row had passed before a forward step of S tokens per row: the longest of what a
+    `transformers.Cache` argument holds (under any keyword) and what a 2-D attention mask covers
+    beyond the step. 0 when the call carries neither: a forward with no past is a prefill."""
+    caches = [a for a in (*args, *kwargs.values()) if isinstance(a, Cache)]
+    past = max((int(c.get_seq_length()) for c in caches), default=0)
+    if mask is not None and mask.dim() == 2:
+        past = max(past, mask.shape[1] - S)
+    return past
 
 
 @contextmanager
