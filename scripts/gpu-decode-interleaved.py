@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import moedeploy
-from moedeploy.bench.cache import _decode_rate
+from moedeploy.timing import decode_rate
 
 
 def reset(model) -> None:
@@ -32,7 +32,7 @@ def profile(model, ids, tokens: int) -> None:
     reset(model)
     prof = cProfile.Profile()
     prof.enable()
-    _decode_rate(model, ids, tokens)
+    decode_rate(model, ids, tokens)
     prof.disable()
     out = io.StringIO()
     pstats.Stats(prof, stream=out).sort_stats("cumtime").print_stats(r"moedeploy", 14)
@@ -42,7 +42,7 @@ def profile(model, ids, tokens: int) -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     reset(model)
     with torch.profiler.profile(activities=activities) as prof:
-        _decode_rate(model, ids, tokens // 2)
+        decode_rate(model, ids, tokens // 2)
     print(prof.key_averages().table(sort_by="self_cuda_time_total" if len(activities) > 1 else "self_cpu_time_total",
                                     row_limit=10, max_name_column_width=36))
 
@@ -67,12 +67,12 @@ def main() -> None:
             models[f"{budget:g} {prefetch or 'no-prefetch'}"] = moedeploy.load(
                 args.model, device=args.device, expert_memory=budget, expert_store="host", prefetch=prefetch)
     for model in models.values():
-        _decode_rate(model, ids, 4)  # warm-up
+        decode_rate(model, ids, 4)  # warm-up
     rates = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, model in models.items():
             reset(model)
-            rates[name].append(_decode_rate(model, ids, args.new_tokens)[0])
+            rates[name].append(decode_rate(model, ids, args.new_tokens)[0])
     for name, model in models.items():
         stats = model.moedeploy.cache_stats() if hasattr(model, "moedeploy") and model.moedeploy.pools else None
         per_token = 1e3 / (args.new_tokens - 1)
