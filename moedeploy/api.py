@@ -63,7 +63,7 @@ class Runtime:
         total["miss_rate"] = total["misses"] / max(total["hits"] + total["misses"], 1)
         series = resident_over_time([pool.stats for pool in self.pools])
         total["peak_resident_bytes"] = max((b for _, b in series), default=0)
-        total["resident_bytes_over_time"] = series[:: max(len(series) // 100, 1)]  # [seconds, bytes], <= ~100 points
+        total["resident_bytes_over_time"] = downsample(series, SERIES_POINTS)  # [seconds, bytes]
         total["slots"] = sum(pool.num_slots for pool in self.pools)
         total["budget_bytes"] = self.options.cache.budget_bytes
         total["policy"] = self.options.cache.policy
@@ -81,6 +81,17 @@ class Runtime:
         """A cold start: every pool drops its unpinned experts and forgets its statistics."""
         for pool in self.pools:
             pool.reset()
+
+
+SERIES_POINTS = 100  # the most points of a time series in cache_stats(): a JSON a person can read
+
+
+def downsample(series: list, points: int) -> list:
+    """At most `points` entries of `series`, evenly spaced, the first and the last kept."""
+    n = len(series)
+    if n <= points:
+        return series
+    return [series[round(i * (n - 1) / (points - 1))] for i in range(points)]
 
 
 def resident_over_time(stats: list) -> list[tuple[float, int]]:

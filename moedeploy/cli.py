@@ -1,4 +1,7 @@
-"""The command line: `moedeploy generate | bench layer | make-tiny`.
+"""The command line: `moedeploy generate | eval-ppl | bench ... | trace | analyze | simulate | predict | make-tiny`.
+
+The top of the import graph: sub-commands live beside what they drive (bench/, trace/cli.py, sim/cli.py,
+predict/cli.py) and share their argument helpers through `cliargs.py`; nothing imports this module.
 
 Environment variables are read here and nowhere else. With --json a command prints exactly one JSON
 object on stdout; progress and warnings go to stderr. A moedeploy error prints one line and exits 2.
@@ -12,41 +15,9 @@ import os
 import sys
 import time
 
+from .cliargs import add_load_options, load_options, read_text
 from .errors import MoeDeployError
-
-
-class _Clock:
-    """A transformers streamer that timestamps the prompt and every generated token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def _read_text(path: str, flag: str) -> str:
-    """The UTF-8 text of a file named on the command line, or a clear error naming the flag."""
-    from pathlib import Path
-
-    file = Path(path)
-    if not file.is_file():
-        raise MoeDeployError(f"{flag} {file} is not a file")
-    text = file.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise MoeDeployError(f"{flag} {file} is empty")
-    return text
-
-
-def int_list(text: str, flag: str) -> list[int]:
-    """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"{flag} takes comma-separated integers, got {text!r}") from ex
+from .timing import TokenClock
 
 
 def _recording(model, path: str | None):
@@ -58,35 +29,6 @@ def _recording(model, path: str | None):
     return nullcontext() if path is None else record(model)
 
 
-def _add_load_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
-    p.add_argument("--gating", default="dynamic", help="dynamic (exact, default) or static (capacity baseline)")
-    p.add_argument("--capacity-factor", type=float, help="static gating: C = ceil(f * k * S / E)")
-    p.add_argument("--capacity-fraction", type=float, help="static gating: C = ceil(fraction * S)")
-    p.add_argument("--backend", default="auto", help="expert kernel: auto, loop or grouped_mm")
-    p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
-    p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
-    p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
-    p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
-    p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
-    p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
-    p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
-
-
-def _load_options(args) -> dict:
-    memory = args.expert_memory
-    if memory is not None:
-        try:
-            memory = float(memory) if float(memory) <= 1 else memory  # a bare fraction like 0.25
-        except ValueError:
-            pass  # a size with a unit: parsed by the cache
-    return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
-                capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
-                policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
-                pin_fraction=args.pin_fraction, prefetch=args.prefetch)
-
-
 def cmd_generate(args) -> int:
     import torch
     from transformers import AutoTokenizer
@@ -96,14 +38,14 @@ def cmd_generate(args) -> int:
     if args.max_new_tokens < 1:
         raise MoeDeployError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     start = time.perf_counter()
-    model = load(args.model, **_load_options(args))
+    model = load(args.model, **load_options(args))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     except (OSError, ValueError) as ex:
         raise MoeDeployError(f"{model.moedeploy.path} has no usable tokenizer ({ex}); save one with the checkpoint") from ex
     loaded = time.perf_counter()
     prompt = tokenizer(args.prompt, return_tensors="pt").to(model.device)
-    clock = _Clock()
+    clock = TokenClock()
     with torch.inference_mode(), _recording(model, args.trace) as recorder:
         out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock,
                              pad_token_id=tokenizer.pad_token_id)
@@ -146,8 +88,8 @@ def cmd_eval_ppl(args) -> int:
     from .evaluate import ExpertLoad, perplexity
 
     text_file = Path(args.text)
-    text = _read_text(args.text, "--text")
-    model = load(args.model, **_load_options(args))
+    text = read_text(args.text, "--text")
+    model = load(args.model, **load_options(args))
     tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     model.moedeploy.reset_stats()
     start = time.perf_counter()
@@ -206,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
+    from .predict.cli import add_commands as add_predict_commands
     from .sim.cli import add_commands as add_sim_commands
     from .trace.cli import add_commands as add_trace_commands
 
@@ -219,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, stats")
     g.add_argument("--trace", help="record the routing of this run to a Parquet file (docs/traces.md)")
-    _add_load_options(g)
+    add_load_options(g)
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks")
@@ -240,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=256, help="tokens per scored window (default 256)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--trace", help="record the routing of this run to a Parquet file (docs/traces.md)")
-    _add_load_options(e)
+    add_load_options(e)
     e.set_defaults(func=cmd_eval_ppl)
 
     tr = sub.add_parser("train-demo", help="train the demo model from scratch (about 50 minutes on 2 cores)")
@@ -261,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny)
     add_trace_commands(sub)
     add_sim_commands(sub)
+    add_predict_commands(sub)
     return parser
 
 

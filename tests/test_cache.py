@@ -170,6 +170,16 @@ def test_generate_json_reports_cache_stats(tiny, capsys):
     assert [t for t, _ in series] == sorted(t for t, _ in series) and series[0][0] == 0
 
 
+def test_resident_series_is_capped_at_its_points():
+    from moedeploy.api import SERIES_POINTS, downsample
+
+    long = [(i / 10, i) for i in range(199)]  # 199 points: the old stride of len // 100 kept all of them
+    short = downsample(long, SERIES_POINTS)
+    assert len(short) == SERIES_POINTS and short[0] == long[0] and short[-1] == long[-1]
+    assert short == sorted(short) and len(set(short)) == SERIES_POINTS
+    assert downsample(long[:50], SERIES_POINTS) == long[:50]
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(expert_memory=0), "is not valid"),
     (dict(expert_memory=-5), "is not valid"),

@@ -146,7 +146,7 @@ def test_decode_on_a_cache_filled_outside_the_recording_is_refused(tiny):
     ids = torch.randint(3, 300, (1, 5))
     with torch.inference_mode():
         cache = next(v for v in model(input_ids=ids, use_cache=True).values() if isinstance(v, T.Cache))
-        with record(model) as rec:
+        with record(model):
             model(input_ids=ids[:, :2])  # a prefill of 2 tokens, then a decode that continues 5
             with pytest.raises(TraceError, match="continues 5 earlier tokens per row, but the recorder saw 2"):
                 model(input_ids=ids[:, :1], use_cache=True, **{_cache_keyword(model): cache})

@@ -19,11 +19,11 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 from dataclasses import asdict, dataclass
 
 import torch
 
+from ..timing import decode_rate
 from .layer import machine
 
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
@@ -43,18 +43,6 @@ class Row:
     budget_bytes: int | None
 
 
-def _decode_rate(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
-    from ..cli import _Clock
-
-    clock = _Clock()
-    with torch.inference_mode(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the streaming notice at small budgets
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             streamer=clock)
-    # clock.times[0] is the prompt, [1] the first new token: decode = the tokens after it
-    return (len(clock.times) - 2) / (clock.times[-1] - clock.times[1]), out
-
-
 def bench(model_path, budgets, policies, new_tokens: int, rounds: int, prompt: str) -> list[Row]:
     from transformers import AutoTokenizer
 
@@ -69,7 +57,7 @@ def bench(model_path, budgets, policies, new_tokens: int, rounds: int, prompt: s
     for _ in range(rounds):
         for i, (_, _, model) in enumerate(configs):
             model.moedeploy.empty_cache()
-            rate, out = _decode_rate(model, ids, new_tokens)
+            rate, out = decode_rate(model, ids, new_tokens)
             rates[i].append(rate)
             outputs[i] = out
     base = statistics.median(rates[0])

@@ -225,8 +225,7 @@ class Impl:
 def _hf_experts(implementation: str, setting: Setting, sizes: Sizes, w_in: Tensor, w_out: Tensor) -> MixtralExperts:
     config = MixtralConfig(hidden_size=sizes.hidden, intermediate_size=sizes.intermediate,
                            num_local_experts=setting.num_experts, num_experts_per_tok=setting.top_k,
-                           hidden_act="silu")
-    config._experts_implementation = implementation
+                           hidden_act="silu", experts_implementation=implementation)
     with torch.device("meta"):
         experts = MixtralExperts(config)
     experts.gate_up_proj = torch.nn.Parameter(w_in, requires_grad=False)  # shares storage with the bank

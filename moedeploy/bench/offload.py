@@ -156,7 +156,7 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
 
     from transformers import AutoTokenizer
 
-    from .cache import _decode_rate
+    from ..timing import decode_rate
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
@@ -167,7 +167,7 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
         model = _load(cfg, path, offload_dir)
         load_s = time.perf_counter() - start
         ids = AutoTokenizer.from_pretrained(path)(prompt, return_tensors="pt").input_ids.to(model.device)
-        _decode_rate(model, ids, 4)  # warm-up
+        decode_rate(model, ids, 4)  # warm-up
         if cfg.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         rates, out, cache = [], None, None
@@ -175,7 +175,7 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
             runtime = getattr(model, "moedeploy", None)
             if runtime:
                 runtime.empty_cache()  # every round from an empty cache
-            rate, out = _decode_rate(model, ids, new_tokens)
+            rate, out = decode_rate(model, ids, new_tokens)
             rates.append(rate)
             cache = runtime.cache_stats() if runtime else None
     anon, rss = PeakMemory.now()

@@ -151,7 +151,7 @@ def train(out: Path, corpus: Corpus, cfg: TrainConfig = TrainConfig(), log=print
 
     config = model_config(cfg, eos)
     model = T.Qwen3MoeForCausalLM(config).float().train()
-    model.config._experts_implementation = "grouped_mm"
+    model.set_experts_implementation("grouped_mm")
     if cfg.dropout:
         add_residual_dropout(model, cfg.dropout)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from ..cliargs import int_list
 from ..errors import MoeDeployError
 from .replay import CostModel, replay
 
@@ -14,7 +15,6 @@ SWEEP_POLICIES = ("lru", "lfu", "fifo", "lifo", "belady")
 
 
 def cmd_simulate(args) -> int:
-    from ..cli import int_list
     from ..trace import load_trace
 
     trace = load_trace(args.trace)
@@ -129,7 +129,4 @@ def add_commands(sub) -> None:
     s.add_argument("--prefetch-threshold", type=float, help="prefetch only experts scoring at least this")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
-    from ..predict.cli import add_commands as add_predict_commands
-
-    add_predict_commands(sub)
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..cliargs import add_load_options, int_list, load_options, read_text
 from ..errors import MoeDeployError, TraceError
 
 
@@ -28,16 +29,15 @@ def cmd_trace(args) -> int:
     from transformers import AutoTokenizer
 
     from ..api import load
-    from ..cli import _load_options, _read_text
     from .memory import model_memory
     from .profile import profile_run
     from .record import record
 
     text_file = Path(args.input)
-    text = _read_text(args.input, "--input")
+    text = read_text(args.input, "--input")
     if args.context < 2 or args.batch < 1:
         raise MoeDeployError("--context must be at least 2 and --batch at least 1")
-    model = load(args.model, **_load_options(args))
+    model = load(args.model, **load_options(args))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     except (OSError, ValueError) as ex:
@@ -104,7 +104,6 @@ def _open_all(paths: list[str]):
 
 
 def cmd_analyze(args) -> int:
-    from ..cli import int_list
     from .report import analyze_aggregate, analyze_trace, write_report
     from .schema import Trace
 
@@ -134,8 +133,6 @@ def cmd_analyze(args) -> int:
 
 def add_commands(sub) -> None:
     """Register `trace` and `analyze` on the CLI's subparsers."""
-    from ..cli import _add_load_options
-
     t = sub.add_parser("trace", help="run a model over a text file and record its routing as Parquet")
     t.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
     t.add_argument("--input", required=True, help="a UTF-8 text file")
@@ -147,7 +144,7 @@ def add_commands(sub) -> None:
     t.add_argument("--profile-steps", type=int, default=4,
                    help="profile this many steps first for per-layer time shares (0: none; default 4)")
     t.add_argument("--json", action="store_true", help="print one JSON object")
-    _add_load_options(t)
+    add_load_options(t)
     t.set_defaults(func=cmd_trace)
 
     a = sub.add_parser("analyze", help="characterise routing traces: Markdown report, PNG plots, JSON")

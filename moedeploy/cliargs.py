@@ -1,0 +1,58 @@
+"""Argument helpers every command shares: the load options of `moedeploy.load` as flags, integer lists,
+text files named on the command line. Below every command module; imports nothing of moedeploy but errors."""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import MoeDeployError
+
+
+def read_text(path: str, flag: str) -> str:
+    """The UTF-8 text of a file named on the command line, or a clear error naming the flag."""
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise MoeDeployError(f"{flag} {file} is not a file")
+    text = file.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise MoeDeployError(f"{flag} {file} is empty")
+    return text
+
+
+def int_list(text: str, flag: str) -> list[int]:
+    """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"{flag} takes comma-separated integers, got {text!r}") from ex
+
+
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--gating", default="dynamic", help="dynamic (exact, default) or static (capacity baseline)")
+    p.add_argument("--capacity-factor", type=float, help="static gating: C = ceil(f * k * S / E)")
+    p.add_argument("--capacity-fraction", type=float, help="static gating: C = ceil(fraction * S)")
+    p.add_argument("--backend", default="auto", help="expert kernel: auto, loop or grouped_mm")
+    p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
+    p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
+    p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
+    p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
+    p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
+    p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
+    p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
+
+
+def load_options(args) -> dict:
+    memory = args.expert_memory
+    if memory is not None:
+        try:
+            memory = float(memory) if float(memory) <= 1 else memory  # a bare fraction like 0.25
+        except ValueError:
+            pass  # a size with a unit: parsed by the cache
+    return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
+                capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
+                policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
+                pin_fraction=args.pin_fraction, prefetch=args.prefetch)
