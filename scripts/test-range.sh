@@ -38,7 +38,7 @@ for name in "${names[@]}"; do
   fi
   versions=$("$venv/bin/python" -c 'import sys, torch, transformers, accelerate; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, accelerate {accelerate.__version__}")')
   echo "test-range: $name: running the suite on $versions" >&2
-  HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error "$venv/bin/python" -m pytest -p no:cacheprovider -q "$@" tests \
+  HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error "$venv/bin/python" -m pytest -p no:cacheprovider "$@" tests \
     >"$venv/test.log" 2>&1
   rc=$?
   result=$(tail -n 1 "$venv/test.log")
