@@ -1,4 +1,4 @@
-"""The command line: `moedeploy generate | eval-ppl | bench ... | trace | analyze | simulate | predict | make-tiny`.
+"""The command line: `moedeploy generate | eval-ppl | serve | bench ... | trace | analyze | simulate | predict | make-tiny`.
 
 The top of the import graph: sub-commands live beside what they drive (bench/, trace/cli.py, sim/cli.py,
 predict/cli.py) and share their argument helpers through `cliargs.py`; nothing imports this module.
@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
     from .predict.cli import add_commands as add_predict_commands
+    from .server.cli import add_commands as add_server_commands
     from .sim.cli import add_commands as add_sim_commands
     from .trace.cli import add_commands as add_trace_commands
 
@@ -205,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_commands(sub)
     add_sim_commands(sub)
     add_predict_commands(sub)
+    add_server_commands(sub)
     return parser
 
 
