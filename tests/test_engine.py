@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 import torch
-from transformers import AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer
 
 import moedeploy
 from moedeploy.engine import ContextTooLong, Engine, EngineConfig, QueueFull, SamplingParams
@@ -225,21 +225,29 @@ def test_the_engine_thread_serves_and_shuts_down(demo):
 
 # -- what the engine relies on in transformers -----------------------------------------------------
 
-def test_transformers_surfaces_the_engine_uses(demo):
-    """Named here so that a transformers release that moves them fails this test, not silently the engine:
-    the cache keyword of the model's forward, a 4-D additive mask passed through as is, `logits_to_keep` as a
-    tensor of positions, and DynamicCache layers holding `.keys` / `.values` as [B, H, L, d] (kv.py frees columns)."""
+def test_transformers_surfaces_the_engine_uses(demo, monkeypatch):
+    """Named here so that a transformers release that moves them fails this test, not silently the engine: the
+    cache keyword of the model's forward; a `Cache` subclass whose `update(keys, values, layer_idx, ...)` result
+    reaches the attention function; extra keywords of the model's forward (`packed_kv`) reaching the attention
+    function; a 4-D mask passed through as is; `logits_to_keep` as a tensor of positions; and the attention
+    implementation's name in `config._attn_implementation` (private), written by `set_attn_implementation`."""
+    from moedeploy.engine import attention
+
     model, tokenizer = demo
     assert cache_keyword(model) in inspect.signature(model.forward).parameters
     engine = Engine(model, tokenizer)
+    assert model.config._attn_implementation == attention.PREFIX + "sdpa"
+    calls = []
+    real = attention.packed_attention
+    monkeypatch.setattr(attention, "packed_attention", lambda *a, **k: (calls.append(k["packed_kv"]), real(*a, **k))[1])
     prompt = prompts_of(tokenizer, 1)[0]
     engine.generate([prompt], SamplingParams(max_tokens=2, temperature=0))
-    layer = engine.runner.kv.cache.layers[0]
-    assert isinstance(engine.runner.kv.cache, DynamicCache) and hasattr(layer, "keys") and hasattr(layer, "values")
+    assert len(calls) == 2 * len(model.model.layers) and all(kv is engine.runner.kv for kv in calls)
     with torch.inference_mode():
         full = model(torch.tensor([prompt])).logits[0, [-1, -3]]
         kept = model(torch.tensor([prompt]), logits_to_keep=torch.tensor([len(prompt) - 1, len(prompt) - 3])).logits[0]
     torch.testing.assert_close(kept, full)
+    assert len(calls) == 2 * len(model.model.layers), "outside the engine the model's own attention runs"
 
 
 def test_encoder_decoder_and_sliding_window_models_are_refused(tiny):

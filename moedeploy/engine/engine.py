@@ -110,6 +110,8 @@ class Engine:
         self.num_waiting = 0  # published after each step, read by other threads
         self.num_running = 0
         self.kv_tokens = 0
+        self.totals = {"steps": 0, "tokens": 0, "active_experts": 0}  # since start: steps run, their tokens, and
+        # experts active per layer summed over layers and steps (engine thread writes, metrics read)
         self.accepting = True
         self._inbox = _Inbox()
         self._wake = threading.Event()
@@ -210,6 +212,9 @@ class Engine:
                           prefill_tokens=prefill, decode_tokens=sum(c.length for c in chunks) - prefill,
                           active_experts=self._active_experts(), hits=hits2 - hits, misses=misses2 - misses)
         self.steps.append(stats)
+        self.totals["steps"] += 1
+        self.totals["tokens"] += stats.prefill_tokens + stats.decode_tokens
+        self.totals["active_experts"] += sum(stats.active_experts)
         self._publish()
         return stats
 

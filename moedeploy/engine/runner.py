@@ -1,13 +1,15 @@
 """One batched model step: a step's chunks, packed into one sequence, through the model; logits where sampled.
 
-    chunks ─► input_ids, positions, owners [T] ─► PackedKV.extend ─► additive mask [1, 1, T, L + T]
-          ─► model(input_ids [1, T], position_ids [1, T], mask, the packed cache, logits_to_keep=rows)
+    chunks ─► input_ids, positions [T]; segments (request, first row, rows) ─► RequestKV
+          ─► model(input_ids [1, T], position_ids [1, T], cache=RequestKV, packed_kv=RequestKV, logits_to_keep=rows)
+              each layer: RequestKV.update stores each request's new keys and values; packed attention
+              (attention.py) lets each request attend to its own
           ─► logits [R, V] at the last token of each chunk that samples
 
 Every MoE layer sees the step's T tokens at once ([1, T, D]), so dynamic gating and the expert cache work
 on the whole batch. Nothing is padded: no padding token reaches the router, its statistics or a trace.
 
-Legend: T = tokens in the step, L = KV columns before it, R = requests sampled, V = vocabulary.
+Legend: T = tokens in the step, R = requests sampled, V = vocabulary.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import inspect
 
 import torch
 
-from .kv import PackedKV
+from . import attention
+from .kv import RequestKV
 from .scheduler import Chunk
 
 
@@ -31,23 +34,25 @@ class ModelRunner:
     def __init__(self, model):
         self.model = model
         self.device = model.device
-        self.dtype = model.dtype
-        self.kv = PackedKV(model.config, model.device)
+        self.kv = RequestKV(model.config)
+        attention.install(model)
         self._cache_kw = cache_keyword(model)
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run the chunks as one step; return logits [R, V] for the chunks that sample, in their order."""
-        ids, owner, pos, last = [], [], [], []
+        ids, pos, last, segments = [], [], [], []
         for c in chunks:
+            segments.append((c.request.id, len(ids), c.length))
+            self.kv.limits.setdefault(c.request.id, len(c.request.prompt) + c.request.params.max_tokens)
             ids += c.request.tokens[c.start:c.start + c.length]
-            owner += [c.request.id] * c.length
             pos += range(c.start, c.start + c.length)
             if c.samples:
                 last.append(len(ids) - 1)
+        self.kv.segments = segments
         to = dict(dtype=torch.long, device=self.device)
-        pos_t = torch.tensor(pos, **to)  # [T]
-        mask = self.kv.extend(torch.tensor(owner, **to), pos_t, self.dtype)  # [1, 1, T, L + T]
-        out = self.model(input_ids=torch.tensor([ids], **to), position_ids=pos_t[None], attention_mask=mask,
-                         use_cache=True, logits_to_keep=torch.tensor(last, **to), **{self._cache_kw: self.kv.cache})
+        unused_mask = torch.zeros((1, 1, len(ids), 1), dtype=self.model.dtype, device=self.device)  # 4-D: taken as is
+        out = self.model(input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([pos], **to),
+                         attention_mask=unused_mask, use_cache=True, logits_to_keep=torch.tensor(last, **to),
+                         packed_kv=self.kv, **{self._cache_kw: self.kv})
         return out.logits[0]  # [R, V]
