@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
+    from .bench import serve as bench_serve
     from .predict.cli import add_commands as add_predict_commands
     from .server.cli import add_commands as add_server_commands
     from .sim.cli import add_commands as add_sim_commands
@@ -177,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     bo = bsub.add_parser("offload", help="decoding and peak memory under budgets vs resident vs transformers+accelerate")
     bench_offload.add_arguments(bo)
     bo.set_defaults(func=bench_offload.run)
+    bs = bsub.add_parser("serve", help="the server under concurrent load vs transformers (serve) and llama-server")
+    bench_serve.add_arguments(bs)
+    bs.set_defaults(func=bench_serve.run)
 
     e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
     e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")

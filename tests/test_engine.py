@@ -255,3 +255,26 @@ def test_encoder_decoder_and_sliding_window_models_are_refused(tiny):
         model = moedeploy.load(tiny(family), dtype="float32")
         with pytest.raises(UnsupportedModelError, match=reason):
             Engine(model, AutoTokenizer.from_pretrained(tiny(family)))
+
+
+def test_kv_regions_grow_move_and_are_reused(demo):
+    """Requests that outgrow their first region move (keys copied in every layer) and still answer as alone;
+    freed regions are reused; an idle engine holds no arena."""
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_tokens=32))
+    prompts = prompts_of(tokenizer, 3)
+    long = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)  # past MIN_REGION and its doubling
+    alone = [engine.generate([p], long)[0].tokens for p in prompts]
+    kv = engine.runner.kv
+    sizes = []
+    updates = [[] for _ in prompts]
+    for p, u in zip(prompts, updates):
+        engine.submit(p, long, u.append)
+    while engine.step() is not None:
+        sizes.append(sorted(r.size for r in kv.regions.values()))
+        bases = sorted((r.base, r.base + r.size) for r in kv.regions.values())
+        assert all(a[1] <= b[0] for a, b in zip(bases, bases[1:])), "regions overlap"
+        assert all(b + s <= kv.columns_allocated for b, s in kv.holes) and all(r.length <= r.size for r in kv.regions.values())
+    assert [[t for x in u for t in x.tokens] for u in updates] == alone
+    assert any(max(s) > 64 for s in sizes if s), "some request moved to a bigger region"
+    assert kv.columns == 0 and kv.columns_allocated == 0 and not kv.keys, "idle: the arenas are dropped"

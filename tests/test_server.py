@@ -291,3 +291,17 @@ def test_full_queue_timeouts_and_sigterm(serve):
     assert small.proc.wait(30) == 0 and time.monotonic() - sent < 20
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{small.url}/health", timeout=5)
+
+
+def test_the_listening_socket_says_it_is_tcp():
+    """asyncio sets TCP_NODELAY only on sockets created with IPPROTO_TCP; without it, Nagle's algorithm held every
+    streamed token on a kept-alive connection until the client's delayed ACK (about 40 ms each)."""
+    import socket
+
+    from moedeploy.server.cli import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()

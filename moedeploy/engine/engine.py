@@ -43,12 +43,15 @@ class ContextTooLong(OptionError):
 class EngineConfig:
     max_batch_tokens: int = 256  # tokens per step, prefill chunks and decodes together: bounds a step's memory and
     # how long decodes wait behind a long prompt
-    max_running: int = 64  # requests holding KV at once; the rest wait in the queue
+    max_running: int | None = None  # requests holding KV at once, the rest wait in the queue; None: 64, or
+    # max_batch_tokens if that is smaller (every running request needs a token of each step)
     max_queue: int = 256  # waiting requests beyond which submit() refuses at once (QueueFull)
     max_model_len: int | None = None  # prompt + output tokens of one request; None: the model's max positions
     step_history: int = 4096  # the most recent steps kept in `Engine.steps`
 
     def __post_init__(self):
+        if self.max_running is None:
+            object.__setattr__(self, "max_running", min(64, self.max_batch_tokens))
         for name in ("max_batch_tokens", "max_running", "max_queue", "step_history"):
             if getattr(self, name) < 1:
                 raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -1,9 +1,9 @@
 """One batched model step: a step's chunks, packed into one sequence, through the model; logits where sampled.
 
-    chunks ─► input_ids, positions [T]; segments (request, first row, rows) ─► RequestKV
+    chunks ─► input_ids, positions [T]; segments (request, first row, rows) ─► RequestKV.begin (room in the arena)
           ─► model(input_ids [1, T], position_ids [1, T], cache=RequestKV, packed_kv=RequestKV, logits_to_keep=rows)
-              each layer: RequestKV.update stores each request's new keys and values; packed attention
-              (attention.py) lets each request attend to its own
+              each layer: RequestKV.update writes the new keys and values into the arena; packed attention
+              (attention.py) lets each request attend to its own region
           ─► logits [R, V] at the last token of each chunk that samples
 
 Every MoE layer sees the step's T tokens at once ([1, T, D]), so dynamic gating and the expert cache work
@@ -34,7 +34,7 @@ class ModelRunner:
     def __init__(self, model):
         self.model = model
         self.device = model.device
-        self.kv = RequestKV(model.config)
+        self.kv = RequestKV(model.config, model.device)
         attention.install(model)
         self._cache_kw = cache_keyword(model)
 
@@ -44,12 +44,11 @@ class ModelRunner:
         ids, pos, last, segments = [], [], [], []
         for c in chunks:
             segments.append((c.request.id, len(ids), c.length))
-            self.kv.limits.setdefault(c.request.id, len(c.request.prompt) + c.request.params.max_tokens)
             ids += c.request.tokens[c.start:c.start + c.length]
             pos += range(c.start, c.start + c.length)
             if c.samples:
                 last.append(len(ids) - 1)
-        self.kv.segments = segments
+        self.kv.begin(segments, {c.request.id: len(c.request.prompt) + c.request.params.max_tokens for c in chunks})
         to = dict(dtype=torch.long, device=self.device)
         unused_mask = torch.zeros((1, 1, len(ids), 1), dtype=self.model.dtype, device=self.device)  # 4-D: taken as is
         out = self.model(input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([pos], **to),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         if not engine.alive:
             engine.start()
         yield
@@ -98,7 +100,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     async def serve(request: Request, body, prompt: list[int], max_tokens: int, reply: Reply):
         try:
             params = body.sampling(max_tokens)
-            generation = Generation(engine, prompt, params, config.request_timeout, metrics)
+            generation = Generation(engine, prompt, params, config.request_timeout, metrics, app.state.mailbox)
         except ContextTooLong as ex:
             raise APIError(400, str(ex), param="input_tokens", code="context_length_exceeded") from ex
         except QueueFull as ex:
@@ -155,11 +157,33 @@ def failure(update: Update) -> APIError:
     return APIError(500, update.error or "generation failed", code="engine_error")
 
 
+class Mailbox:
+    """Updates from the engine thread to the event loop, one wake-up of the loop per batch: a step gives every
+    running request a token, and waking the loop once per request would cost a system call each."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list[tuple[asyncio.Queue, Update]] = []
+
+    def post(self, queue: asyncio.Queue, update: Update) -> None:  # engine thread
+        with self.lock:
+            self.pending.append((queue, update))
+            first = len(self.pending) == 1
+        if first:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:  # event loop
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, update in pending:
+            queue.put_nowait(update)
+
+
 class Generation:
     """One request in flight, seen from the event loop: updates from the engine thread arrive on a queue."""
 
-    def __init__(self, engine: Engine, prompt: list[int], params, timeout: float, metrics: Metrics):
-        loop = asyncio.get_running_loop()
+    def __init__(self, engine: Engine, prompt: list[int], params, timeout: float, metrics: Metrics, mailbox: Mailbox):
         self.engine = engine
         self.metrics = metrics
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
@@ -169,7 +193,7 @@ class Generation:
 
         def on_update(update: Update) -> None:  # engine thread
             observe(update)
-            loop.call_soon_threadsafe(self.queue.put_nowait, update)
+            mailbox.post(self.queue, update)
 
         self.request = engine.submit(prompt, params, on_update, timeout)
 

@@ -22,7 +22,7 @@ def add_commands(sub) -> None:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
                    "(default: $MOEDEPLOY_API_KEY, else no key)")
     s.add_argument("--max-batch-tokens", type=int, default=256, help="tokens per engine step (default 256)")
-    s.add_argument("--max-running", type=int, default=64, help="requests batched at once (default 64)")
+    s.add_argument("--max-running", type=int, help="requests batched at once (default 64, at most --max-batch-tokens)")
     s.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
     s.add_argument("--max-model-len", type=int, help="prompt + output tokens (default: the model's context)")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends with 504")
@@ -44,7 +44,7 @@ def run(args) -> int:
     from ..engine import Engine, EngineConfig
     from .app import ServerConfig, create_app
 
-    config = EngineConfig(max_batch_tokens=args.max_batch_tokens, max_running=min(args.max_running, args.max_batch_tokens),
+    config = EngineConfig(max_batch_tokens=args.max_batch_tokens, max_running=args.max_running,
                           max_queue=args.max_queue, max_model_len=args.max_model_len)
     if args.threads is not None and args.threads < 1:
         raise MoeDeployError(f"--threads must be at least 1, got {args.threads}")
@@ -80,7 +80,9 @@ def run(args) -> int:
 def _listen(host: str, port: int) -> socket.socket:
     """A listening socket, so that the port is known (and connections queue) before the server loop starts."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without
+    # it Nagle's algorithm holds each streamed token back until the client's delayed ACK (about 40 ms)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

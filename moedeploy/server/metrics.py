@@ -12,6 +12,9 @@
 | `moedeploy:client_disconnects_total` | counter | clients that went away before their request ended |
 | `moedeploy:expert_cache_{hits,misses,bytes_moved}_total` | counter | the expert cache since start (0 when resident) |
 | `moedeploy:expert_resident_bytes` | gauge | expert bytes in device slots now (all expert bytes when resident) |
+| `moedeploy:engine_steps_total`, `moedeploy:engine_step_tokens_total` | counter | batched steps run, and their tokens |
+| `moedeploy:active_experts_total` | counter | experts that got a token, summed over MoE layers and steps |
+| `moedeploy:experts` | gauge | MoE layers x routed experts per layer (divide the one above by it and by steps) |
 
 Every metric has the `model_name` label. Request timings are taken on the engine thread as tokens are emitted.
 """
@@ -98,6 +101,17 @@ class _ExpertCache:
             family = CounterMetricFamily(f"moedeploy:expert_cache_{name}", doc, labels=["model_name"])
             family.add_metric([self.model_name], value)
             yield family
+        totals = self.engine.totals
+        for name, doc, value in (("engine_steps", "Batched engine steps.", totals["steps"]),
+                                 ("engine_step_tokens", "Tokens run in engine steps.", totals["tokens"]),
+                                 ("active_experts", "Experts active per layer, summed over layers and steps.",
+                                  totals["active_experts"])):
+            family = CounterMetricFamily(f"moedeploy:{name}", doc, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            yield family
+        experts = GaugeMetricFamily("moedeploy:experts", "MoE layers times routed experts per layer.", labels=["model_name"])
+        experts.add_metric([self.model_name], sum(layer.experts.num_experts for layer in self.engine.layers))
+        yield experts
         resident = GaugeMetricFamily("moedeploy:expert_resident_bytes", "Expert bytes resident on the device.",
                                      labels=["model_name"])
         resident.add_metric([self.model_name], sum(p.resident_bytes() for p in pools) if pools else
