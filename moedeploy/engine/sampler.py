@@ -37,7 +37,9 @@ class Sampler:
 
 def sample(samplers: list[Sampler], logits: torch.Tensor) -> list[int]:
     """logits [R, V] for R requests, row r drawn by samplers[r] -> R token ids, with one host copy."""
+    greedy = logits.argmax(-1)  # [R]: argmax needs no float32 copy
+    if all(s.greedy for s in samplers):
+        return greedy.tolist()
     logits = logits.float()
-    greedy = logits.argmax(-1)  # [R]
     picks = [greedy[r] if s.greedy else s.draw(logits[r]) for r, s in enumerate(samplers)]
     return torch.stack(picks).tolist() if picks else []
