@@ -68,71 +68,28 @@ def reference(monkeypatch):
     return load
 
 
-class ServerProcess:
-    """`python -m moedeploy serve --port 0 ARGS` on loopback: started, waited for (bounded), always stopped."""
-
-    START_S = 120  # loading the model and binding, on a slow shared CI machine
-
-    def __init__(self, tmp_path, *args: str):
-        import subprocess
-        import sys
-
-        self.log = tmp_path / f"serve-{id(self)}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moedeploy", "serve", "--port", "0", *args],
-                                     stdout=subprocess.DEVNULL, stderr=self.log.open("w"))
-        self.url = self._wait_for_url()
-
-    def _wait_for_url(self) -> str:
-        import re
-        import time
-
-        import httpx
-
-        end = time.monotonic() + self.START_S
-        url = None
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"moedeploy serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            if url is None and (found := re.search(r"at (http://[\d.]+:\d+)/v1", self.log.read_text())):
-                url = found.group(1)
-            if url is not None:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        return url
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"moedeploy serve was not healthy within {self.START_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def rss(self) -> int:
-        """Resident memory of the server process, bytes."""
-        for line in open(f"/proc/{self.proc.pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-    def stop(self, timeout: float = 30) -> int:
-        import subprocess
-
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+def server_rss(server) -> int:
+    """Resident memory of a server process, bytes."""
+    for line in open(f"/proc/{server.proc.pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
 
 
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
-    """serve(*args) -> a running ServerProcess; every one is stopped when the module's tests end."""
+    """serve(*args) -> `moedeploy serve --port 0 ARGS` on loopback, healthy (bench.serve.Server: bounded waits);
+    every one is stopped when the module's tests end."""
+    import sys
+
+    from moedeploy.bench.serve import Server
+
     started = []
 
-    def start(*args: str) -> ServerProcess:
-        started.append(ServerProcess(tmp_path_factory.mktemp("serve"), *args))
-        return started[-1]
+    def start(*args: str) -> Server:
+        command = [sys.executable, "-m", "moedeploy", "serve", "--port", "0", *args]
+        started.append(Server("moedeploy serve", command, model="moedeploy-demo"))
+        return started[-1].wait("/health")
 
     yield start
     for server in started:

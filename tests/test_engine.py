@@ -99,7 +99,8 @@ def test_under_an_expert_budget_outputs_are_the_resident_ones(demo):
     want = [o.tokens for o in Engine(model, tokenizer).generate(prompts, GREEDY)]
     budgeted = moedeploy.load(None, dtype="float32", expert_memory=0.25, policy="lifo")
     engine = Engine(budgeted, tokenizer)
-    assert [o.tokens for o in engine.generate(prompts, GREEDY)] == want
+    with pytest.warns(UserWarning, match="stream through the slots"):  # a batched step needs more than 8 of 32
+        assert [o.tokens for o in engine.generate(prompts, GREEDY)] == want
     assert sum(s.misses for s in engine.steps) > 0 and sum(s.hits for s in engine.steps) > 0
     assert all(len(s.active_experts) == 4 and 1 <= min(s.active_experts) for s in engine.steps)
     assert max(max(s.active_experts) for s in engine.steps) > 4, "a batched step activates more than one token's top-4"
@@ -278,3 +279,22 @@ def test_kv_regions_grow_move_and_are_reused(demo):
     assert [[t for x in u for t in x.tokens] for u in updates] == alone
     assert any(max(s) > 64 for s in sizes if s), "some request moved to a bigger region"
     assert kv.columns == 0 and kv.columns_allocated == 0 and not kv.keys, "idle: the arenas are dropped"
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(demo, monkeypatch):
+    model, tokenizer = demo
+    engine = Engine(model, tokenizer)
+    prompt = prompts_of(tokenizer, 1)[0]
+    got = []
+    engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), got.append)
+    real = engine.runner.forward
+    monkeypatch.setattr(engine.runner, "forward", lambda chunks: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    assert engine.step() is None
+    assert got[-1].finish_reason == "error" and "RuntimeError" in got[-1].error and engine.runner.kv.columns == 0
+    monkeypatch.setattr(engine.runner, "forward", real)
+
+    def rude(update):
+        raise RuntimeError("event loop is closed")
+
+    engine.submit(prompt, SamplingParams(max_tokens=2, temperature=0), rude)  # a callback that raises
+    assert engine.generate([prompt], GREEDY)[0].finish_reason == "length"

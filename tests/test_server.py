@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 import moedeploy
+from conftest import server_rss
 from moedeploy.api import DEMO_MODEL
 
 KEY = "test-key"
@@ -202,9 +203,9 @@ def settle(server, timeout: float = 10) -> dict[str, float]:
 
 def test_load_16_clients_200_requests(server, tokenizer):
     asyncio.run(drive(server, list(range(32)), CLIENTS))  # warm-up: the allocator and caches reach steady state
-    before, rss_before = settle(server), server.rss()
+    before, rss_before = settle(server), server_rss(server)
     results = asyncio.run(drive(server, list(range(REQUESTS)), CLIENTS))
-    after, rss_after = settle(server), server.rss()
+    after, rss_after = settle(server), server_rss(server)
 
     errors = {i: r for i, r in results.items() if r[0] == "error"}
     assert not errors, f"failed requests: {errors}"

@@ -160,7 +160,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        self.stop()
+        self.stop(keep_log=True)
         raise MoeDeployError(f"bench serve: {self.name} was not ready within {START_S} s (log: {self.log})")
 
     def metrics(self) -> dict[str, float]:
@@ -171,7 +171,8 @@ class Server:
         return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels.keys()
                 - {"model_name"}}
 
-    def stop(self) -> None:
+    def stop(self, keep_log: bool = False) -> None:
+        """SIGTERM, then SIGKILL after 30 s; the log is removed unless asked to keep it."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -179,6 +180,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if not keep_log:
+            self.log.unlink(missing_ok=True)
 
 
 def start_moedeploy(args, budget: float | None) -> Server:
@@ -270,6 +273,7 @@ class Row:
     tokens_per_step: float | None = None  # moedeploy: mean tokens in an engine step
     active_expert_share: float | None = None  # moedeploy: mean share of a layer's experts a step activates
     hit_rate: float | None = None  # moedeploy under a budget: expert-cache hits / (hits + misses)
+    first_error: str | None = None  # what the first failed request got
 
 
 def row(system: str, concurrency: int, samples: list[Sample], seconds: float, alone: list[Sample] | None,
@@ -283,7 +287,8 @@ def row(system: str, concurrency: int, samples: list[Sample], seconds: float, al
                seconds=round(seconds, 3), requests_per_s=round(len(ok) / seconds, 3),
                output_tokens_per_s=round(tokens / seconds, 2), ttft_ms=Stat.of([s.ttft for s in ok]),
                tpot_ms=Stat.of([(s.latency - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1]),
-               itl_ms=Stat.of([g for s in ok for g in s.itl]), same_as_alone=same, **(engine or {}))
+               itl_ms=Stat.of([g for s in ok for g in s.itl]), same_as_alone=same,
+               first_error=next((s.error for s in samples if s.error is not None), None), **(engine or {}))
 
 
 def engine_stats(before: dict, after: dict) -> dict:
@@ -426,5 +431,8 @@ def print_table(rows: list[Row], skipped: dict) -> None:
         print(f"{r.system:>20s} {r.concurrency:4d} {r.completed:4d} {r.requests_per_s:7.2f} {r.output_tokens_per_s:9.1f} "
               f"{fmt(r.ttft_ms):>23s} {fmt(r.tpot_ms):>23s} {fmt(r.itl_ms):>23s} {opt(r.same_as_alone, '.2f'):>5s} "
               f"{opt(r.tokens_per_step, '.1f'):>8s} {opt(r.active_expert_share, '.2f'):>6s} {opt(r.hit_rate, '.3f'):>5s}")
+    for r in rows:
+        if r.first_error:
+            print(f"{r.system} c={r.concurrency}: {r.failed} failed, the first with: {r.first_error}")
     for name, why in skipped.items():
         print(f"{name}: skipped ({why})")

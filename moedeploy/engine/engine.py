@@ -95,6 +95,14 @@ class _Inbox:
     aborts: list[int] = field(default_factory=list)
 
 
+def _notify(request: Request, update: Update) -> None:
+    """Call the request's callback; one that raises (its client's event loop gone) must not stop the engine."""
+    try:
+        request.on_update(update)
+    except Exception as ex:  # noqa: BLE001
+        print(f"moedeploy: request {request.id}: its update callback failed: {type(ex).__name__}: {ex}", file=sys.stderr)
+
+
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.model = model
@@ -179,7 +187,12 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._wake.clear()
-            if self.step() is None:
+            try:
+                ran = self.step()
+            except Exception as ex:  # noqa: BLE001 - the loop outlives a bad step: its requests fail, the rest go on
+                self._fail_running(ex)
+                ran = None
+            if ran is None:
                 self._wake.wait(0.05)
 
     def step(self) -> StepStats | None:
@@ -199,11 +212,7 @@ class Engine:
             sampled = [c.request for c in chunks if c.samples]
             tokens = sample([r.sampler for r in sampled], logits)  # the step's one host sync
         except Exception as ex:  # noqa: BLE001 - a failed step fails its requests, not the server
-            print(f"moedeploy: engine step failed: {type(ex).__name__}: {ex}", file=sys.stderr)
-            for request in list(self.scheduler.running):
-                self._finish(request, "error", f"the model step failed ({type(ex).__name__})")
-            self.runner.kv.reset()
-            self._publish()
+            self._fail_running(ex)
             return None
         prefill = sum(c.length for c in chunks if c.start < len(c.request.prompt))
         for c in chunks:
@@ -220,6 +229,14 @@ class Engine:
         self.totals["active_experts"] += sum(stats.active_experts)
         self._publish()
         return stats
+
+    def _fail_running(self, ex: Exception) -> None:
+        """A step failed part-way (its KV half-written): end every running request with an error, keep the queue."""
+        print(f"moedeploy: engine step failed: {type(ex).__name__}: {ex}", file=sys.stderr)
+        for request in list(self.scheduler.running):
+            self._finish(request, "error", f"the model step failed ({type(ex).__name__})")
+        self.runner.kv.reset()
+        self._publish()
 
     def _take_inbox(self) -> None:
         with self._inbox.lock:
@@ -243,8 +260,8 @@ class Engine:
             return self._finish(request, "stop", text=text)
         if len(request.output) >= request.params.max_tokens or request.length >= self.max_model_len:
             return self._finish(request, "length", text=text)
-        request.on_update(Update(text=text, tokens=[token], prompt_tokens=len(request.prompt),
-                                 completion_tokens=len(request.output)))
+        _notify(request, Update(text=text, tokens=[token], prompt_tokens=len(request.prompt),
+                                completion_tokens=len(request.output)))
 
     def _finish(self, request: Request, reason: str, error: str | None = None, text: str = "") -> None:
         """End a request: free its slot and KV now, and send the rest of its text and why it ended."""
@@ -257,8 +274,8 @@ class Engine:
         if reason in ("length", "abort", "timeout", "error") and request.detok is not None:
             text += request.detok.flush()  # no stop string ended it: what was held back is final now
         new = request.output[-1:] if reason in ("stop", "length") else []
-        request.on_update(Update(text=text, tokens=new, finish_reason=reason, error=error,
-                                 prompt_tokens=len(request.prompt), completion_tokens=len(request.output)))
+        _notify(request, Update(text=text, tokens=new, finish_reason=reason, error=error,
+                                prompt_tokens=len(request.prompt), completion_tokens=len(request.output)))
 
     def _publish(self) -> None:
         self.num_waiting = len(self.scheduler.waiting)

@@ -105,8 +105,8 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
             raise APIError(400, str(ex), param="input_tokens", code="context_length_exceeded") from ex
         except QueueFull as ex:
             raise APIError(429 if engine.accepting else 503, str(ex), headers={"Retry-After": "1"}) from ex
-        except OptionError as ex:
-            raise APIError(400, str(ex), param="prompt" if "prompt" in str(ex) else None) from ex
+        except OptionError as ex:  # an empty prompt or token ids outside the vocabulary
+            raise APIError(400, str(ex), param="messages" if reply.chat else "prompt") from ex
         metrics.prompt_tokens.inc(len(prompt))
         watcher = asyncio.create_task(generation.watch(request))
         if body.stream:
@@ -126,16 +126,18 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     async def stream(generation: Generation, watcher: asyncio.Task, reply: Reply, include_usage: bool):
         try:
             first = True
-            async for update in generation.updates():
-                if update.finish_reason in (None, "stop", "length"):
-                    if update.text or first or update.finish_reason:
-                        yield sse(reply.chunk(update.text, update.finish_reason, first=first))
-                        first = False
-                    if update.finish_reason and include_usage:
-                        yield sse(reply.usage_chunk(update.prompt_tokens, update.completion_tokens))
-                else:
-                    error = failure(update)
-                    yield sse(errors.body(error.status, error.message, error.param, error.code))
+            try:
+                async for update in generation.updates():
+                    if update.finish_reason in (None, "stop", "length"):
+                        if update.text or first or update.finish_reason:
+                            yield sse(reply.chunk(update.text, update.finish_reason, first=first))
+                            first = False
+                        if update.finish_reason and include_usage:
+                            yield sse(reply.usage_chunk(update.prompt_tokens, update.completion_tokens))
+                    else:
+                        raise failure(update)
+            except APIError as error:  # after the headers: the error is the stream's last event
+                yield sse(errors.body(error.status, error.message, error.param, error.code))
             yield "data: [DONE]\n\n"
         finally:
             watcher.cancel()
