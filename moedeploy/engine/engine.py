@@ -254,7 +254,6 @@ class Engine:
     def _emit(self, request: Request, token: int) -> None:
         """A sampled token: append it, release the text that became final, and end the request if it should."""
         request.output.append(token)
-        request.token_times.append(time.monotonic())
         text, stopped = request.detok.push(token)
         if stopped or (token in self.eos and not request.params.ignore_eos):
             return self._finish(request, "stop", text=text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -60,7 +59,7 @@ _ids = itertools.count()
 
 @dataclass(eq=False)
 class Request:
-    """One request in the engine. `tokens` = prompt + output; the first `computed` of them are in the KV cache."""
+    """One request in the engine: prompt + output tokens, of which the first `computed` are in the KV cache."""
 
     prompt: list[int]
     params: SamplingParams
@@ -70,14 +69,15 @@ class Request:
     output: list[int] = field(default_factory=list)
     computed: int = 0
     finish_reason: str | None = None
-    arrived: float = field(default_factory=time.monotonic)
-    token_times: list[float] = field(default_factory=list)  # time.monotonic() of each output token
     sampler: object = None  # its Sampler and Detokenizer, made by the engine when it takes the request
     detok: object = None
 
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens start .. start + n of prompt + output, without building the whole list."""
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        return (self.prompt + self.output)[start:start + n] if start < p else self.output[start - p:start - p + n]
 
     @property
     def length(self) -> int:

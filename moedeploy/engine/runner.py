@@ -44,7 +44,7 @@ class ModelRunner:
         ids, pos, last, segments = [], [], [], []
         for c in chunks:
             segments.append((c.request.id, len(ids), c.length))
-            ids += c.request.tokens[c.start:c.start + c.length]
+            ids += c.request.tokens(c.start, c.length)
             pos += range(c.start, c.start + c.length)
             if c.samples:
                 last.append(len(ids) - 1)
