@@ -306,3 +306,22 @@ def test_the_listening_socket_says_it_is_tcp():
         assert sock.proto == socket.IPPROTO_TCP
     finally:
         sock.close()
+
+
+def test_bench_serve_runs_and_reports_one_json_object():
+    """The benchmark's smoke run: a server and the one-by-one baseline, a few requests, one JSON line."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moedeploy", "bench", "serve", "--requests", "4", "--concurrency", "1,2",
+                          "--max-tokens", "4", "--baselines", "transformers", "--request-rate", "50", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    rows = {(r["system"], r["concurrency"]): r for r in report["rows"]}
+    assert set(rows) == {("moedeploy", 1), ("moedeploy", 2), ("transformers", 1)}
+    assert all(r["completed"] == 4 and r["failed"] == 0 for r in rows.values())
+    assert rows["moedeploy", 2]["same_as_alone"] == 1.0 and rows["moedeploy", 2]["tokens_per_step"] > 0
+    assert "moedeploy @ c=2 / transformers one by one" in report["ratios"]
+    assert report["skipped"] == {} and report["machine"]["cores"] >= 1
