@@ -128,7 +128,7 @@ class Engine:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._counts = None  # [L, E] expert counts on the host after the last step
+        self._counts = self._expert_counts()  # [L, E] on the host after the last step (or before the first)
 
     # -- any thread ----------------------------------------------------------------------------------
     def submit(self, prompt: list[int], params: SamplingParams, on_update, timeout: float | None = None) -> Request:
@@ -283,10 +283,11 @@ class Engine:
 
     def _active_experts(self) -> tuple[int, ...]:
         """Experts per layer that this step's tokens reached (from the layers' counters: one small host copy)."""
-        counts = torch.stack([layer.expert_counts for layer in self.layers]).cpu()  # [L, E]
-        before, self._counts = self._counts, counts
-        active = counts if before is None else counts - before  # a reset_stats() in between reads as 0 active
-        return tuple((active > 0).sum(1).tolist())
+        before, self._counts = self._counts, self._expert_counts()
+        return tuple((self._counts - before > 0).sum(1).tolist())  # a reset_stats() in between reads as 0 active
+
+    def _expert_counts(self) -> torch.Tensor:
+        return torch.stack([layer.expert_counts for layer in self.layers]).cpu()  # [L, E]
 
     def _cache_counts(self) -> tuple[int, int]:
         return (sum(p.stats.hits for p in self.pools), sum(p.stats.misses for p in self.pools))

@@ -56,7 +56,6 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moedeploy", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     errors.install(app)
-    app.state.engine, app.state.metrics = engine, metrics
 
     def authorized(request: Request) -> None:
         if config.api_key is not None and request.headers.get("authorization") != f"Bearer {config.api_key}":
