@@ -19,3 +19,11 @@ class OptionError(MoeDeployError, ValueError):
 
 class TraceError(MoeDeployError, ValueError):
     """A routing trace is missing, empty, truncated, of an unknown format, or has the wrong schema."""
+
+
+class PlacementError(MoeDeployError, ValueError):
+    """An expert placement is impossible, malformed, or was made for another model."""
+
+
+class DistributedError(MoeDeployError):
+    """A multi-process run failed: a rank died, a collective timed out, or the ranks disagree."""

@@ -1,0 +1,69 @@
+"""Per-batch replica choice: how many of an expert's tokens each of its replicas takes in this batch.
+
+    counts [E] tokens per expert in the batch, slots [S] the layer's physical -> logical map
+        ─► tokens per slot [S]  (each expert's tokens split over its replicas)
+
+`balanced` levels the devices: experts with one replica load their device as they must; then each
+replicated expert, largest first, pours its tokens into its replicas' devices lowest first (water
+filling), so the batch's busiest device carries as little as the greedy can make it. `by_share` is the
+fixed split (vLLM's: by position, whatever the load), kept as the baseline it is measured against.
+Both are deterministic: every rank of an expert-parallel run computes the same split from the same counts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def balanced(counts: np.ndarray, slots: np.ndarray, devices: int) -> np.ndarray:
+    """counts [E], slots [S] -> tokens per slot [S] (int64), minimising the busiest device greedily."""
+    S = slots.shape[0]
+    P = S // devices
+    device = np.arange(S) // P
+    replicas = np.bincount(slots, minlength=counts.shape[0])
+    out = np.where(replicas[slots] == 1, counts[slots], 0).astype(np.int64)  # [S]
+    load = np.bincount(device, weights=out, minlength=devices)  # [devices]
+    multi = np.flatnonzero(replicas > 1)
+    for e in multi[np.argsort(-counts[multi], kind="stable")]:
+        n = int(counts[e])
+        if n == 0:
+            continue
+        mine = np.flatnonzero(slots == e)  # [m] its slots, on m different devices
+        take = _water_fill(load[device[mine]], n)
+        out[mine] = take
+        load[device[mine]] += take
+    return out
+
+
+def _water_fill(levels: np.ndarray, n: int) -> np.ndarray:
+    """Split n tokens over bins at `levels` [m] so the fullest bin ends as low as possible: integer
+    amounts, the remainder to the lowest bins (ties to the first)."""
+    order = np.argsort(levels, kind="stable")
+    low = levels[order].astype(np.float64)
+    m = low.shape[0]
+    # The water height h with sum(max(0, h - low)) = n: fill the first j bins where it reaches no higher.
+    for j in range(m, 0, -1):
+        h = (n + low[:j].sum()) / j
+        if h >= low[j - 1]:
+            break
+    take = np.zeros(m, dtype=np.int64)
+    take[:j] = np.floor(h - low[:j]).astype(np.int64)
+    rest = n - int(take.sum())
+    # Hand out what rounding left, one each, to the bins that end lowest.
+    for i in np.argsort(low[:j] + take[:j], kind="stable")[:rest]:
+        take[i] += 1
+    out = np.zeros(m, dtype=np.int64)
+    out[order] = take
+    return out
+
+
+def by_share(counts: np.ndarray, slots: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """counts [E], slots [S], share [S] -> tokens per slot [S]: each expert's tokens split by the planned
+    shares, whatever this batch's load (rounding down, the remainder to the expert's first replicas)."""
+    n = counts[slots].astype(np.float64)
+    out = np.floor(n * share).astype(np.int64)
+    rest = counts - np.bincount(slots, weights=out, minlength=counts.shape[0]).astype(np.int64)  # [E]
+    for e in np.flatnonzero(rest):
+        mine = np.flatnonzero(slots == e)
+        out[mine[:rest[e]]] += 1
+    return out
