@@ -5,7 +5,13 @@
 
 `balanced` levels the devices: experts with one replica load their device as they must; then each
 replicated expert, largest first, pours its tokens into its replicas' devices lowest first (water
-filling), so the batch's busiest device carries as little as the greedy can make it. `by_share` is the
+filling); then, for up to `rounds` passes, each replicated expert in turn takes its tokens back out and
+pours them again over the levels the others left (coordinate descent: a pass never raises the busiest
+device, and it stops as soon as a pass changes nothing). The first pass alone is order-dependent: an
+expert poured early cannot see the experts poured after it; the refinement passes removed most of
+that (72 slots on 8 devices planned on the first half of ESFT intent / translation, scored on the
+second half, busiest / mean device: batch 1024 1.061 / 1.080 after the first pass, 1.015 / 1.019 after
+4 passes; batch 64 1.102 / 1.146 -> 1.066 / 1.096; 50 passes gain at most 0.004 more). `by_share` is the
 fixed split (vLLM's: by position, whatever the load), kept as the baseline it is measured against.
 Both are deterministic: every rank of an expert-parallel run computes the same split from the same counts.
 """
@@ -15,8 +21,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def balanced(counts: np.ndarray, slots: np.ndarray, devices: int) -> np.ndarray:
-    """counts [E], slots [S] -> tokens per slot [S] (int64), minimising the busiest device greedily."""
+REFINE_ROUNDS = 4  # refinement passes at most (tuned on intent/translation: within 0.004 of 50 passes)
+
+
+def balanced(counts: np.ndarray, slots: np.ndarray, devices: int, rounds: int = REFINE_ROUNDS) -> np.ndarray:
+    """counts [E], slots [S] -> tokens per slot [S] (int64), minimising the busiest device greedily, then
+    refining for up to `rounds` passes."""
     S = slots.shape[0]
     P = S // devices
     device = np.arange(S) // P
@@ -24,14 +34,23 @@ def balanced(counts: np.ndarray, slots: np.ndarray, devices: int) -> np.ndarray:
     out = np.where(replicas[slots] == 1, counts[slots], 0).astype(np.int64)  # [S]
     load = np.bincount(device, weights=out, minlength=devices)  # [devices]
     multi = np.flatnonzero(replicas > 1)
-    for e in multi[np.argsort(-counts[multi], kind="stable")]:
-        n = int(counts[e])
-        if n == 0:
-            continue
-        mine = np.flatnonzero(slots == e)  # [m] its slots, on m different devices
-        take = _water_fill(load[device[mine]], n)
-        out[mine] = take
-        load[device[mine]] += take
+    multi = multi[np.argsort(-counts[multi], kind="stable")]
+    multi = multi[counts[multi] > 0]
+    mine = [np.flatnonzero(slots == e) for e in multi]  # its slots, on different devices
+    for e, m in zip(multi, mine):
+        take = _water_fill(load[device[m]], int(counts[e]))
+        out[m] = take
+        load[device[m]] += take
+    for _ in range(rounds):
+        changed = False
+        for e, m in zip(multi, mine):
+            load[device[m]] -= out[m]
+            take = _water_fill(load[device[m]], int(counts[e]))
+            changed |= bool((take != out[m]).any())
+            out[m] = take
+            load[device[m]] += take
+        if not changed:
+            break
     return out
 
 
