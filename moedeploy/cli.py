@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
     from .bench import serve as bench_serve
+    from .placement.cli import add_commands as add_place_commands
     from .predict.cli import add_commands as add_predict_commands
     from .server.cli import add_commands as add_server_commands
     from .sim.cli import add_commands as add_sim_commands
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_trace_commands(sub)
     add_sim_commands(sub)
     add_predict_commands(sub)
+    add_place_commands(sub)
     add_server_commands(sub)
     return parser
 
