@@ -290,3 +290,11 @@ def test_real_intent_trace_greedy_and_replicas_beat_contiguous(capsys):
     assert r["greedy"]["max_mean_load"] < 1.1
     assert r["replicate"]["max_mean_load"] < r["replicate"]["by_share"]["max_mean_load"]
     assert r["replicate"]["max_mean_load"] <= 1.05
+
+
+def test_repair_separates_replicas_packed_onto_one_device():
+    # the packing's safety net (never reached in 3,000 random packings): expert 0 twice on device 0
+    slots = policies._repair(np.array([[0, 0, 1, 2]]), np.array([[5.0, 3.0, 1.0]]), 2)
+    assert sorted(slots[0, :2].tolist()) != [0, 0] and 0 in slots[0, 2:].tolist()
+    assert sorted(slots[0].tolist()) == [0, 0, 1, 2]
+    assert slots[0, :2].tolist() == [0, 2]  # the lightest expert of device 1 swapped in

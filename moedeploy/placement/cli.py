@@ -50,6 +50,10 @@ def _select(trace, domains: list[str] | None, flag: str, path: str):
     return trace.select(np.isin(trace.domain, ids))
 
 
+def _named(path: str, domains: list[str] | None) -> str:
+    return f"{path} ({', '.join(domains)})" if domains else path
+
+
 def _expert_bytes(meta, given: int | None) -> int | None:
     """--expert-bytes, else what the trace's metadata says about the model, else unknown."""
     if given is not None:
@@ -97,7 +101,7 @@ def cmd_place(args) -> int:
             raise PlacementError(f"--eval-trace {args.eval_trace} is of another model than --trace {args.trace} "
                                  f"({', '.join(diff)}); evaluate on a trace of the same model")
         plan_x, eval_x = trace.experts, other.experts
-        split = {"plan": f"{args.trace} (all, {plan_x.shape[0]} tokens)", "eval": f"{args.eval_trace}"}
+        split = {"plan": _named(args.trace, args.domain), "eval": _named(args.eval_trace, args.eval_domain)}
     else:
         if args.eval_domain:
             raise OptionError("--eval-domain selects domains of --eval-trace; give --eval-trace too")
@@ -106,7 +110,8 @@ def cmd_place(args) -> int:
             raise OptionError(f"--plan-on is the fraction of the trace's tokens to plan on, in (0, 1); got {fraction}")
         n = int(trace.num_tokens * fraction)
         plan_x, eval_x = trace.experts[:n], trace.experts[n:]
-        split = {"plan": f"first {fraction:g} of {args.trace}", "eval": f"the remaining {1 - fraction:g}"}
+        split = {"plan": f"the first {fraction:g} of {_named(args.trace, args.domain)}",
+                 "eval": f"the remaining {1 - fraction:g}"}
     E = model.num_experts
     slots = E if args.slots is None else args.slots
     for S in {E, slots} if any(a in policies.ONE_REPLICA for a in algorithms) else {slots}:
