@@ -12,6 +12,9 @@ from .errors import OptionError
 from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
+from .parallel import Sharding
+from .parallel import current as current_group
+from .placement import load as load_placement
 from .predict.lookahead import PREFETCHERS, attach_lookahead
 from .store import STORES, Checkpoint
 
@@ -25,6 +28,7 @@ class Runtime:
     options: LoadOptions
     layers: dict[str, MoELayer]
     pools: list = field(default_factory=list)  # cache.SlotPool per budget scope; empty when all experts resident
+    group: object = None  # parallel.Group of an expert-parallel run; None in one process
 
     def stats(self) -> dict:
         """Routing statistics since load (or the last reset): one host sync per layer."""
@@ -73,9 +77,26 @@ class Runtime:
         total["prefetch"] = self.options.cache.prefetch
         return total
 
+    def parallel_stats(self) -> dict | None:
+        """Expert parallelism on this rank: time in collectives, pair rows crossing ranks, and the busiest
+        rank's share of the routed pairs per layer (max/mean over ranks, from the replicas' split);
+        None in one process."""
+        if self.group is None:
+            return None
+        world = self.group.world
+        imbalance = []
+        for layer in self.layers.values():
+            tokens = layer.parallel.slot_tokens.reshape(world, -1).sum(axis=1)  # [W] pairs per rank
+            if tokens.sum():
+                imbalance.append(float(tokens.max() / tokens.mean()))
+        return {**self.group.stats(), "placement": self.options.sharding.placement.algorithm,
+                "max_mean_load": round(sum(imbalance) / len(imbalance), 4) if imbalance else None}
+
     def reset_stats(self) -> None:
         for layer in self.layers.values():
             layer.reset_stats()
+        if self.group is not None:
+            self.group.reset_stats()
 
     def empty_cache(self) -> None:
         """A cold start: every pool drops its unpinned experts and forgets its statistics."""
@@ -113,7 +134,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
          expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
-         prefetch: str | None = None) -> nn.Module:
+         prefetch: str | None = None, placement=None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -136,6 +157,9 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     experts stay resident for good, filling `pin_fraction` (default 0.5) of each pool's slots.
     prefetch: "lookahead": after each MoE layer, the next layer's router scores the current hidden
     states and the experts it would pick are copied in ahead of need (predict/lookahead.py).
+    placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun
+    started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
+    contiguous when None. Each rank then holds only its experts (docs/parallel.md).
     """
     cache_options = dict(policy=policy, cache_scope=cache_scope, expert_store=expert_store, pin=pin,
                          pin_fraction=pin_fraction, prefetch=prefetch)
@@ -149,9 +173,10 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
-    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None)
+    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None,
+                   sharding=_sharding(placement, gating, prefetch, pin))
     path = DEMO_MODEL if path is None else Path(path)
-    model, family = build_model(Checkpoint(path), opts)
+    model, family, opts = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
     pools = []
     if expert_memory is not None:
@@ -164,5 +189,24 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         if prefetch == "lookahead":
             attach_lookahead(list(layers.values()))
         opts = replace(opts, cache=cache)
-    model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools)
+    model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools,
+                              group=None if opts.sharding is None else opts.sharding.group)
     return model
+
+
+def _sharding(placement, gating: str, prefetch, pin) -> Sharding | None:
+    """This rank's share of an expert-parallel run, or None in one process."""
+    group = current_group()
+    if group is None:
+        if placement is not None:
+            raise OptionError("placement= applies to an expert-parallel run: launch with `torchrun --nproc-per-node N "
+                              "-m moedeploy ... --placement FILE` (or call moedeploy.parallel.init() in each process)")
+        return None
+    for name, value, why in (("gating", gating != "dynamic", "every rank would need every expert"),
+                             ("prefetch", prefetch is not None, "the predictors name experts, not ranks' slots"),
+                             ("pin", pin is not None, "a pin profile names experts, not ranks' slots")):
+        if value:
+            raise OptionError(f"{name} is not supported with expert parallelism ({why}); leave it out under torchrun")
+    if isinstance(placement, (str, Path)):
+        placement = load_placement(placement)
+    return Sharding(group, placement)

@@ -45,6 +45,7 @@ def cmd_generate(args) -> int:
         raise MoeDeployError(f"{model.moedeploy.path} has no usable tokenizer ({ex}); save one with the checkpoint") from ex
     loaded = time.perf_counter()
     prompt = tokenizer(args.prompt, return_tensors="pt").to(model.device)
+    _same_on_every_rank(model, prompt["input_ids"], "prompts")
     clock = TokenClock()
     with torch.inference_mode(), _recording(model, args.trace) as recorder:
         out = model.generate(**prompt, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=clock,
@@ -68,6 +69,7 @@ def cmd_generate(args) -> int:
         "family": model.moedeploy.family,
         "moe": model.moedeploy.stats(),
         "cache": model.moedeploy.cache_stats(),
+        "parallel": model.moedeploy.parallel_stats(),
     }
     if args.json:
         print(json.dumps({"text": text, "tokens": new.tolist(), "stats": stats}))
@@ -92,6 +94,7 @@ def cmd_eval_ppl(args) -> int:
     model = load(args.model, **load_options(args))
     tokenizer = AutoTokenizer.from_pretrained(model.moedeploy.path)
     model.moedeploy.reset_stats()
+    _same_on_every_rank(model, tokenizer(text, return_tensors="pt")["input_ids"], "texts")
     start = time.perf_counter()
     with _recording(model, args.trace) as recorder:
         result = perplexity(model, tokenizer, text, context=args.context)
@@ -99,7 +102,8 @@ def cmd_eval_ppl(args) -> int:
         recorder.write(args.trace)
     load_per_layer = {name: ExpertLoad.of(layer.expert_counts).__dict__ for name, layer in model.moedeploy.layers.items()}
     out = {"model": str(model.moedeploy.path), "text": str(text_file), **result.as_dict(),
-           "seconds": round(time.perf_counter() - start, 2), "expert_load": load_per_layer}
+           "seconds": round(time.perf_counter() - start, 2), "expert_load": load_per_layer,
+           "parallel": model.moedeploy.parallel_stats()}
     if args.json:
         print(json.dumps(out))
     else:
@@ -109,6 +113,14 @@ def cmd_eval_ppl(args) -> int:
             print(f"  {name}: top-quarter share {load_['top_quarter_share']:.3f}, "
                   f"normalized entropy {load_['normalized_entropy']:.3f}")
     return 0
+
+
+def _same_on_every_rank(model, ids, what: str) -> None:
+    """In an expert-parallel run, every rank must compute the same tokens: compare a checksum."""
+    import zlib
+
+    if model.moedeploy.group is not None:
+        model.moedeploy.group.check_same(zlib.crc32(ids.cpu().numpy().tobytes()), what)
 
 
 def cmd_train_demo(args) -> int:
@@ -216,14 +228,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PARALLEL_COMMANDS = ("generate", "eval-ppl")  # the commands that run expert-parallel under torchrun
+
+
+def _join_torchrun(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1): join the group, give each rank its own CUDA device, and leave
+    stdout to rank 0 (with --json it prints the one JSON object). Returns this rank."""
+    from .parallel import init
+    from .options import parse_device
+
+    if args.command not in PARALLEL_COMMANDS:
+        raise MoeDeployError(f"`moedeploy {args.command}` runs in one process; under torchrun only "
+                             f"{', '.join(PARALLEL_COMMANDS)} run expert-parallel")
+    device = parse_device(args.device)
+    if device.type == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        device = parse_device(args.device)
+    rank = init(device, timeout_s=args.dist_timeout).rank
+    if rank:
+        sys.stdout = open(os.devnull, "w")
+        os.environ["TQDM_DISABLE"] = "1"
+    return rank
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    parallel = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
     try:
-        return args.func(args)
+        if parallel:
+            rank = _join_torchrun(args)
+        code = args.func(args)
     except MoeDeployError as ex:
-        print(f"moedeploy: error: {ex}", file=sys.stderr)
-        return 2
+        where = f" (rank {rank})" if parallel else ""
+        print(f"moedeploy: error{where}: {ex}", file=sys.stderr)
+        return 2  # without leaving the group: its peers may be gone, and torchrun stops the rest
+    if parallel:
+        from .parallel import close
+
+        close()
+    return code
 
 
 if __name__ == "__main__":

@@ -54,9 +54,10 @@ class Gating:
 
 class MoELayer(nn.Module):
     def __init__(self, router: Router, experts: ExpertBank, gating: Gating,
-                 shared: tuple[str, nn.Module] | None = None, shared_gate: tuple[str, nn.Module] | None = None):
+                 shared: tuple[str, nn.Module] | None = None, shared_gate: tuple[str, nn.Module] | None = None,
+                 parallel=None):
         super().__init__()
-        if router.num_experts != experts.num_experts:
+        if parallel is None and router.num_experts != experts.num_experts:
             raise ValueError(f"router has {router.num_experts} experts, the expert bank {experts.num_experts}")
         self.router = router
         self.experts = experts
@@ -69,7 +70,7 @@ class MoELayer(nn.Module):
             if named:
                 self.add_module(*named)
         # Statistics, accumulated on the device without host syncs.
-        self.register_buffer("expert_counts", torch.zeros(experts.num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("expert_counts", torch.zeros(router.num_experts, dtype=torch.long), persistent=False)
         self.register_buffer("dropped_pairs", torch.zeros((), dtype=torch.long), persistent=False)
         self.routed_pairs = 0
         # Routing-trace tap (moedeploy.trace.record): a callable taking the Routing, or None (costs one `if`).
@@ -83,6 +84,9 @@ class MoELayer(nn.Module):
         # Prefetcher for the next MoE layer (predict/lookahead.py): its guess comes to the host with this
         # layer's counts; its prefetch is sent once this layer's experts are queued.
         self.lookahead = None
+        # Expert parallelism (parallel/layer.py): `experts` holds this rank's slots only, and pairs travel
+        # to the rank of their slot and back; None when this process holds every expert.
+        self.parallel = parallel
 
     @property
     def capacity_per_sequence(self) -> bool:
@@ -100,19 +104,15 @@ class MoELayer(nn.Module):
             routing = self.router(x, groups=groups, keep=keep)
         if self.recorder is not None:
             self.recorder(routing)
-        E = self.experts.num_experts
+        E = self.router.num_experts
         self.routed_pairs += routing.ids.numel()
-        if self.gating.mode == "dynamic" and self.pool is not None:
-            y = self._moe_buffered(x, routing)
-        elif self.gating.mode == "dynamic":
-            with _label("moe.dispatch"):
-                p = plan(routing, E, may_drop=self.may_drop)
-                x_sorted = gather(x, p)  # [P, D]
-            with _label("moe.experts"):
-                y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.experts)  # [P, D]
-            with _label("moe.combine"):
-                y = combine(y_sorted, p)
-            self.expert_counts += p.counts
+        if self.gating.mode == "dynamic":
+            if self.parallel is not None:
+                y = self.parallel(x, routing, self._experts)
+                self.expert_counts += count(routing.ids, E)
+            else:
+                y, counts = self._experts(x, routing)
+                self.expert_counts += counts
             if self.may_drop:
                 self.dropped_pairs += (routing.ids == E).sum()
         else:
@@ -130,7 +130,20 @@ class MoELayer(nn.Module):
             y = y + s
         return y.to(x.dtype)
 
-    def _moe_buffered(self, x: Tensor, routing: Routing) -> Tensor:
+    def _experts(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+        """Dynamic gating over this layer's expert bank: y [T, D] and the pairs per expert [E'] (E' = the
+        bank's experts: every expert, or this rank's slots under expert parallelism)."""
+        if self.pool is not None:
+            return self._moe_buffered(x, routing)
+        with _label("moe.dispatch"):
+            p = plan(routing, self.experts.num_experts, may_drop=self.may_drop)
+            x_sorted = gather(x, p)  # [P, D]
+        with _label("moe.experts"):
+            y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.experts)  # [P, D]
+        with _label("moe.combine"):
+            return combine(y_sorted, p), p.counts
+
+    def _moe_buffered(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
         """Dynamic gating with only some experts resident: the needed experts pass through the pool's
         slots in chunks that fit; every pair's row lands in one buffer in token order, and one weighted
         sum at the end makes the output bit-identical to the fully resident layer."""
@@ -160,14 +173,11 @@ class MoELayer(nn.Module):
                 y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.pool.slots)  # [P, D]
             n = sum(sizes)  # this chunk's rows come first in the plan
             pairs.index_copy_(0, p.order[:n], y_sorted[:n])
-        self.expert_counts += counts
-        if self.may_drop:
-            self.dropped_pairs += (routing.ids == E).sum()
         if self.lookahead is not None:  # after this layer's experts are queued: their slots may be reused
             with _label("moe.prefetch"):
                 self.lookahead.prefetch(next_counts)
         with _label("moe.combine"):
-            return weighted_sum(pairs, routing.weights)
+            return weighted_sum(pairs, routing.weights), counts
 
     def _static_capacity(self, tokens_per_group: int, routing) -> int:
         K, E = routing.ids.shape[-1], self.experts.num_experts

@@ -14,6 +14,8 @@ No full copy of the model's expert weights is ever made outside the expert banks
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,6 +27,7 @@ from .models import Family, family_for, supported_model_types
 from .models.base import router_module
 from .models.verify import verify_block
 from .options import LoadOptions
+from .placement import ModelShape
 from .routing import Router
 from .store import Checkpoint, DiskStore, HostStore
 
@@ -75,12 +78,18 @@ def _expert_store(ckpt: Checkpoint, family: Family, config, block: nn.Module, pr
 
 
 def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module, opts: LoadOptions,
-                dtype: torch.dtype) -> MoELayer:
+                dtype: torch.dtype, index: int = 0) -> MoELayer:
+    """MoE layer number `index` (model order) from its block. Under expert parallelism (opts.sharding)
+    only this rank's slots are read."""
     prefix = _disk_prefix(ckpt, family, path)
     E = block.experts.num_experts
     D, _ = family.dims(block)
     router = _read_router(ckpt, family, config, block, prefix, E, D, dtype)
     disk = _expert_store(ckpt, family, config, block, prefix, E)
+    parallel = None
+    if opts.sharding is not None:
+        parallel = opts.sharding.layer(index)
+        disk = disk.subset(opts.sharding.local(index))
     if opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
         experts, store = disk.bank(dtype, device="meta"), disk
     else:
@@ -89,7 +98,7 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         if opts.buffered:  # only the slots go to the device; on CUDA the host copy is pinned
             experts.keep_on_host(pin=opts.device.type == "cuda")
     shared, shared_gate = family.shared(block)
-    layer = family.layer_class(router, experts, opts.gating, shared, shared_gate)
+    layer = family.layer_class(router, experts, opts.gating, shared, shared_gate, parallel=parallel)
     layer.store = store
     family.configure(layer, config)
     return layer
@@ -151,7 +160,8 @@ def _resolve_dtype(config, requested: torch.dtype | None) -> torch.dtype:
 
 
 def build_model(ckpt: Checkpoint, opts: LoadOptions):
-    """The checkpoint as a transformers model with moedeploy's MoE layers, and the family adapter used."""
+    """The checkpoint as a transformers model with moedeploy's MoE layers, the family adapter used, and
+    the options as applied (an expert-parallel run's placement resolved for this model)."""
     config = read_config(ckpt)
     family = family_for(config)
     dtype = _resolve_dtype(config, opts.dtype)
@@ -169,14 +179,22 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
             f"{ckpt.root}: {config.model_type!r} has no Mixture-of-Experts blocks; moedeploy runs MoE models "
             f"only (known families: {', '.join(supported_model_types())})"
         )
-    for path, block in tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer", disable=None, leave=False):
+    given = opts.sharding is not None and opts.sharding.placement is not None
+    if opts.sharding is not None:
+        opts = replace(opts, sharding=opts.sharding.resolve(
+            ModelShape(len(blocks), blocks[0][1].experts.num_experts, 0, str(ckpt.root))))
+    for index, (path, block) in enumerate(tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer",
+                                               disable=None, leave=False)):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
-        model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype))
+        model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index))
+    if given:  # its top-k, now that a router is built
+        first = model.get_submodule(blocks[0][0])
+        opts.sharding.placement.check_model(ModelShape(len(blocks), first.router.num_experts, first.router.top_k))
     _load_remaining(ckpt, model, dtype)
     if not family.model_types:  # no adapter: the generic guess must reproduce transformers' block
         path, block = blocks[0]
         verify_block(block, model.get_submodule(path), config.model_type, path)
     if (ckpt.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
-    return model.to(opts.device).eval(), family
+    return model.to(opts.device).eval(), family, opts

@@ -45,6 +45,7 @@ class LoadOptions:
     cache: CacheConfig | None = None  # set when an expert memory budget is
     expert_store: str = "host"  # where experts outside the device slots wait: "host" memory or "disk"
     buffered: bool = False  # an expert memory budget: experts stay in their store, slots on the device
+    sharding: object | None = None  # parallel.Sharding: this rank's experts of an expert-parallel run
 
     @classmethod
     def build(cls, device="cpu", dtype="auto", gating="dynamic", capacity_factor=None, capacity_fraction=None,

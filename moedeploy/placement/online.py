@@ -35,11 +35,11 @@ from .policies import _placement, migrate
 class OnlineConfig:
     """Chosen on ESFT intent / translation only (docs/benchmarks.md, "Expert placement")."""
 
-    every: int = 1024  # tokens between re-plans (R = every // B batches, at least 1)
-    window: int = 4096  # tokens of recent history a re-plan counts (W = window // B batches, at least 1)
-    penalty: float = 0.05  # cost of moving an expert, in mean device loads (lambda = penalty / expert bytes)
-    move_tokens: int = 64  # tokens served per layer moved: M = B // move_tokens layers per batch (at least 1);
-    # vLLM's one layer per step at B = 64, and a move budget that grows with the step's compute time
+    every: int = 256  # tokens between re-plans (R = every // B batches, at least 1)
+    window: int = 1024  # tokens of recent history a re-plan counts (W = window // B batches, at least 1)
+    penalty: float = 0.1  # cost of moving an expert, in mean device loads (lambda = penalty / expert bytes)
+    move_tokens: int = 32  # tokens served per layer moved: M = B // move_tokens layers per batch (at least 1):
+    # a copy budget that grows with the step's compute time (2 layers per 64-token step; vLLM moves 1)
 
     def __post_init__(self):
         for name in ("every", "window", "move_tokens"):

@@ -6,13 +6,16 @@
   host memory, one at a time, for the layer's own `ExpertBank`.
 - `HostStore`: every expert of a layer in host memory (the layer's `ExpertBank`).
 
+`DiskStore.subset(ids)` is the same store over some experts only, renumbered: a rank's slots under
+expert parallelism (a rank holds at most one replica of an expert).
+
 `read(e)` returns expert e's tensors in `ExpertBank.tensors()` order (w_in, w_out, then any biases),
 in the store's dtype; copying into a slot converts to the model's dtype exactly as loading does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -41,9 +44,20 @@ class DiskStore:
     D: int  # hidden size
     I: int  # intermediate size of one expert
     activation: Activation
+    ids: tuple[int, ...] | None = None  # a subset (expert parallelism): expert i here is ids[i] in the checkpoint
+
+    @property
+    def size(self) -> int:
+        """Experts in this store: the layer's, or the subset's."""
+        return self.num_experts if self.ids is None else len(self.ids)
+
+    def subset(self, ids) -> "DiskStore":
+        """A view of some of the layer's experts, renumbered 0..len(ids)-1 (a rank's slots)."""
+        return replace(self, ids=tuple(int(e) for e in ids))
 
     def _tensors(self, expert: int):  # -> models.layouts.ExpertTensors
-        return self.layout.read(self.ckpt, self.prefix, expert, self.D, self.I)
+        e = expert if self.ids is None else self.ids[expert]
+        return self.layout.read(self.ckpt, self.prefix, e, self.D, self.I)
 
     def read(self, expert: int) -> tuple[Tensor, ...]:
         t = self._tensors(expert)
@@ -53,10 +67,10 @@ class DiskStore:
         """Every expert stacked [E, ...] in `dtype`: read one expert at a time on "cpu" (never the layer
         twice in memory); shapes only on "meta"."""
         first = self._tensors(0)
-        stacks = {name: torch.empty((self.num_experts, *getattr(first, name).shape), dtype=dtype, device=device)
+        stacks = {name: torch.empty((self.size, *getattr(first, name).shape), dtype=dtype, device=device)
                   for name in FIELDS if getattr(first, name) is not None}
         if device != "meta":
-            for e in range(self.num_experts):
+            for e in range(self.size):
                 t = first if e == 0 else self._tensors(e)
                 for name, stack in stacks.items():
                     stack[e] = getattr(t, name)

@@ -1,0 +1,75 @@
+"""One rank of the expert-parallel tests, launched by tests/test_parallel.py under torchrun.
+
+    torchrun --nproc-per-node N tests/ep_worker.py --model DIR --out FILE [--placement NAME=FILE ...]
+        [--budget 0.5] [--spin SECONDS --ready DIR [--stall]]
+
+For each placement (and contiguous), loads the model in float32, computes the logits of fixed input ids and a
+greedy continuation; rank 0 saves them with torch.save. --spin runs forward passes until killed (the
+failure tests), after writing this rank's pid into --ready; with --stall the last rank stops answering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from moedeploy import load, parallel
+from moedeploy.errors import MoeDeployError
+
+IDS = torch.tensor([[5, 17, 3, 44, 9, 28, 61, 2, 33, 12, 7, 50]])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out")
+    p.add_argument("--placement", action="append", default=[], help="NAME=FILE")
+    p.add_argument("--budget", type=float)
+    p.add_argument("--spin", type=float)
+    p.add_argument("--ready")
+    p.add_argument("--stall", action="store_true", help="with --spin: the last rank stops answering once ready")
+    p.add_argument("--timeout", type=float, default=60)
+    args = p.parse_args()
+    group = parallel.init(torch.device("cpu"), timeout_s=args.timeout)
+    try:
+        if args.spin:
+            return spin(args, group)
+        results = {}
+        for spec in ["contiguous=", *args.placement]:
+            name, _, file = spec.partition("=")
+            for budget in (None, args.budget) if args.budget else (None,):
+                model = load(args.model, dtype="float32", placement=file or None, expert_memory=budget)
+                with torch.inference_mode():
+                    logits = model(IDS).logits
+                    tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                            attention_mask=torch.ones(1, 4, dtype=torch.long))
+                results[name if budget is None else f"{name}@{budget}"] = {
+                    "logits": logits, "tokens": tokens, "parallel": model.moedeploy.parallel_stats()}
+        if group.rank == 0:
+            torch.save(results, args.out)
+    except MoeDeployError as ex:
+        print(f"moedeploy: error (rank {group.rank}): {ex}", file=sys.stderr)
+        return 2
+    parallel.close()
+    return 0
+
+
+def spin(args, group) -> int:
+    model = load(args.model, dtype="float32")
+    with open(os.path.join(args.ready, f"rank{group.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    end = time.monotonic() + args.spin
+    with torch.inference_mode():
+        while time.monotonic() < end:
+            if args.stall and group.rank == group.world - 1:
+                time.sleep(args.spin)  # alive but silent: the others' next collective must time out
+            model(IDS)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
