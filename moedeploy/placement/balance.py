@@ -10,8 +10,8 @@ pours them again over the levels the others left (coordinate descent: a pass nev
 device, and it stops as soon as a pass changes nothing). The first pass alone is order-dependent: an
 expert poured early cannot see the experts poured after it; the refinement passes removed most of
 that (72 slots on 8 devices planned on the first half of ESFT intent / translation, scored on the
-second half, busiest / mean device: batch 1024 1.061 / 1.080 after the first pass, 1.015 / 1.019 after
-4 passes; batch 64 1.102 / 1.146 -> 1.066 / 1.096; 50 passes gain at most 0.004 more). The passes start
+second half, busiest / mean device: batch 1024 1.061 / 1.080 after the greedy pass alone, 1.014 / 1.018
+after 4 passes; batch 64 1.102 / 1.146 -> 1.065 / 1.095; 50 passes gain at most 0.004 more). The passes start
 from the even split instead when its busiest device is lower, so `balanced` is never worse than the even
 `by_share` split: a pass never raises the busiest device. `by_share` is the
 fixed split (vLLM's: by position, whatever the load), kept as the baseline it is measured against.
