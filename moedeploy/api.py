@@ -89,8 +89,10 @@ class Runtime:
             tokens = layer.parallel.slot_tokens.reshape(world, -1).sum(axis=1)  # [W] pairs per rank
             if tokens.sum():
                 imbalance.append(float(tokens.max() / tokens.mean()))
+        held = sum(layer.experts.expert_bytes() * layer.experts.num_experts for layer in self.layers.values())
         return {**self.group.stats(), "placement": self.options.sharding.placement.algorithm,
-                "max_mean_load": round(sum(imbalance) / len(imbalance), 4) if imbalance else None}
+                "max_mean_load": round(sum(imbalance) / len(imbalance), 4) if imbalance else None,
+                "expert_bytes_this_rank": held}
 
     def reset_stats(self) -> None:
         for layer in self.layers.values():

@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
+    from .bench import parallel as bench_parallel
     from .bench import serve as bench_serve
     from .placement.cli import add_commands as add_place_commands
     from .predict.cli import add_commands as add_predict_commands
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="the server under concurrent load vs transformers (serve) and llama-server")
     bench_serve.add_arguments(bs)
     bs.set_defaults(func=bench_serve.run)
+    bp = bsub.add_parser("parallel", help="expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun, gloo)")
+    bench_parallel.add_arguments(bp)
+    bp.set_defaults(func=bench_parallel.run)
 
     e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
     e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")

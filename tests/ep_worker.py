@@ -48,7 +48,8 @@ def main() -> int:
                     tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
                                             attention_mask=torch.ones(1, 4, dtype=torch.long))
                 results[name if budget is None else f"{name}@{budget}"] = {
-                    "logits": logits, "tokens": tokens, "parallel": model.moedeploy.parallel_stats()}
+                    "logits": logits, "tokens": tokens, "engine": engine_tokens(model),
+                    "parallel": model.moedeploy.parallel_stats()}
         if group.rank == 0:
             torch.save(results, args.out)
     except MoeDeployError as ex:
@@ -56,6 +57,20 @@ def main() -> int:
         return 2
     parallel.close()
     return 0
+
+
+def engine_tokens(model) -> list[list[int]]:
+    """Three prompts of different lengths batched by the serving engine (chunked prefill, decodes)."""
+    from transformers import AutoTokenizer
+
+    from moedeploy.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine(model, AutoTokenizer.from_pretrained(model.moedeploy.path), EngineConfig(max_batch_tokens=8))
+    outputs = engine.generate(PROMPTS, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    return [o.tokens for o in outputs]
+
+
+PROMPTS = [IDS[0, :3].tolist(), IDS[0].tolist(), IDS[0, 5:].tolist()]
 
 
 def spin(args, group) -> int:

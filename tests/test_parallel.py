@@ -107,7 +107,7 @@ def test_exchange_sends_every_pair_once_to_a_slot_of_its_expert(data):
 # --- ranks agree with one process -------------------------------------------------------------------------
 
 def _reference(path) -> dict:
-    from tests.ep_worker import IDS
+    from tests.ep_worker import IDS, engine_tokens
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -117,9 +117,10 @@ def _reference(path) -> dict:
             logits = model(IDS).logits
             tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
                                     attention_mask=torch.ones(1, 4, dtype=torch.long))
+        engine = engine_tokens(model)
     finally:
         torch.set_num_threads(threads)
-    return {"logits": logits, "tokens": tokens}
+    return {"logits": logits, "tokens": tokens, "engine": engine}
 
 
 def _shape(path) -> ModelShape:
@@ -154,6 +155,7 @@ def test_ranks_match_one_process_for_every_placement(which, world, deepseek, tmp
         err = (got["logits"] - ref["logits"]).abs().max() / scale
         assert err <= 1e-6, f"{name}: logits differ by {err:.2e} relative"
         assert torch.equal(got["tokens"], ref["tokens"]), name
+        assert got["engine"] == ref["engine"], name  # the serving engine's batched steps too
         stats = got["parallel"]
         assert stats["world"] == world and stats["collectives"] > 0 and stats["rows_crossing"] > 0
 

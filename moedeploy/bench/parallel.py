@@ -1,0 +1,101 @@
+"""`moedeploy bench parallel`: expert-parallel throughput with 1, 2, 4 ... ranks per placement, in one run.
+
+Each configuration is its own launch: one plain process for 1 rank (the baseline), `torchrun
+--nproc-per-node N` for more, every rank with one thread. Each runs `moedeploy eval-ppl` over the same
+text (teacher forcing: prefill-shaped steps of --context tokens) and `moedeploy generate` (decode), and
+reports tokens per second, the share of its time rank 0 spent inside the collectives (the all-to-alls
+and the all-gather), the share of pair rows that crossed ranks, and the busiest rank's load (max/mean
+pairs per rank, mean over layers). The baseline runs first and last; ratios are to the mean of the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from ..cliargs import int_list
+from ..errors import MoeDeployError
+from .layer import machine
+
+HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "heldout" / "tempest.txt"
+
+
+def _launch(ranks: int, command: list[str], timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    env.pop("WORLD_SIZE", None)
+    prefix = [sys.executable, "-m", "moedeploy"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m", "moedeploy"]
+    try:
+        run = subprocess.run([*prefix, *command, "--json"], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired as ex:
+        raise MoeDeployError(f"{' '.join(command[:1])} with {ranks} ranks did not finish in {timeout:g} s") from ex
+    if run.returncode != 0:
+        raise MoeDeployError(f"{command[0]} with {ranks} ranks failed: {run.stderr.strip().splitlines()[-1:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _one(args, ranks: int, name: str, file: str | None) -> dict:
+    common = ["--dtype", args.dtype] + (["--model", args.model] if args.model else [])
+    common += ["--placement", file] if file else []
+    ppl = _launch(ranks, ["eval-ppl", "--text", str(args.text), "--context", str(args.context), *common], args.timeout)
+    gen = _launch(ranks, ["generate", "--prompt", "ROMEO. ", "--max-new-tokens", str(args.new_tokens), *common],
+                  args.timeout)
+    par = ppl.get("parallel") or {}
+    row = {"placement": name, "ranks": ranks, "tokens": ppl["tokens"],
+           "prefill_tok_s": round(ppl["tokens"] / ppl["seconds"], 1),
+           "decode_tok_s": gen["stats"]["decode_tokens_per_s"],
+           "comm_share": round(par["comm_s"] / ppl["seconds"], 3) if par else 0.0,
+           "decode_comm_share": round(gen["stats"]["parallel"]["comm_s"] / gen["stats"]["total_s"], 3) if par else 0.0,
+           "crossing_share": par.get("crossing_share", 0.0), "max_mean_load": par.get("max_mean_load"),
+           "expert_bytes_rank0": par.get("expert_bytes_this_rank")}
+    print(f"  {name:>12} x{ranks}: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']} tok/s, "
+          f"collectives {row['comm_share']:.0%} / {row['decode_comm_share']:.0%}, crossing {row['crossing_share']:.0%}, "
+          f"max/mean {row['max_mean_load']}", file=sys.stderr)
+    return row
+
+
+def run(args) -> int:
+    ranks = int_list(args.ranks, "--ranks")
+    placements = [("contiguous", None)]
+    for spec in args.placement or []:
+        name, sep, file = spec.partition("=")
+        if not sep or not Path(file).is_file():
+            raise MoeDeployError(f"--placement takes NAME=FILE with an existing file, got {spec!r}")
+        placements.append((name, file))
+    first = _one(args, 1, "one process", None)
+    rows = [_one(args, n, name, file) for name, file in placements for n in ranks if n > 1]
+    last = _one(args, 1, "one process", None)
+    base = {k: statistics.mean([first[k], last[k]]) for k in ("prefill_tok_s", "decode_tok_s")}
+    for row in rows:
+        row["prefill_vs_one"] = round(row["prefill_tok_s"] / base["prefill_tok_s"], 3)
+        row["decode_vs_one"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+    out = {"machine": machine().__dict__, "model": args.model or "demo", "dtype": args.dtype, "context": args.context,
+           "baseline": [first, last], "rows": rows}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{'placement':>12} {'ranks':>5} {'prefill tok/s':>13} {'vs one':>7} {'decode tok/s':>12} {'vs one':>7} "
+              f"{'collectives':>11} {'crossing':>8} {'max/mean':>8}")
+        for row in [first, *rows, last]:
+            print(f"{row['placement']:>12} {row['ranks']:>5} {row['prefill_tok_s']:>13} {row.get('prefill_vs_one', 1.0):>7} "
+                  f"{row['decode_tok_s']:>12} {row.get('decode_vs_one', 1.0):>7} {row['comm_share']:>11.1%} "
+                  f"{row['crossing_share']:>8.1%} {row['max_mean_load'] or '-':>8}")
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="checkpoint directory; default: the embedded demo model")
+    p.add_argument("--ranks", default="2,4", help="rank counts besides the one-process baseline (default 2,4)")
+    p.add_argument("--placement", action="append", help="NAME=FILE from `moedeploy place --out` (repeatable); "
+                   "contiguous always runs")
+    p.add_argument("--text", type=Path, default=HELD_OUT, help="text for eval-ppl (default: the held-out Tempest)")
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per launch before it counts as hung")
+    p.add_argument("--json", action="store_true")
