@@ -64,11 +64,13 @@ def run(args) -> int:
     placements = [("contiguous", None)]
     for spec in args.placement or []:
         name, sep, file = spec.partition("=")
-        if not sep or not Path(file).is_file():
-            raise MoeDeployError(f"--placement takes NAME=FILE with an existing file, got {spec!r}")
+        missing = [file.format(ranks=n) for n in ranks if not Path(file.format(ranks=n)).is_file()]
+        if not sep or missing:
+            raise MoeDeployError(f"--placement takes NAME=FILE with existing files ({{ranks}} in FILE stands for the "
+                                 f"rank count), got {spec!r}" + (f"; missing: {', '.join(missing)}" if missing else ""))
         placements.append((name, file))
     first = _one(args, 1, "one process", None)
-    rows = [_one(args, n, name, file) for name, file in placements for n in ranks if n > 1]
+    rows = [_one(args, n, name, file and file.format(ranks=n)) for name, file in placements for n in ranks if n > 1]
     last = _one(args, 1, "one process", None)
     base = {k: statistics.mean([first[k], last[k]]) for k in ("prefill_tok_s", "decode_tok_s")}
     for row in rows:
@@ -92,6 +94,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="checkpoint directory; default: the embedded demo model")
     p.add_argument("--ranks", default="2,4", help="rank counts besides the one-process baseline (default 2,4)")
     p.add_argument("--placement", action="append", help="NAME=FILE from `moedeploy place --out` (repeatable); "
+                   "{ranks} in FILE stands for the rank count, e.g. greedy=plans/greedy{ranks}.json; "
                    "contiguous always runs")
     p.add_argument("--text", type=Path, default=HELD_OUT, help="text for eval-ppl (default: the held-out Tempest)")
     p.add_argument("--context", type=int, default=256)
