@@ -13,8 +13,10 @@ from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
 from .parallel import Sharding
+from .parallel.rebalance import Rebalancer
+from .placement.online import OnlineConfig
 from .parallel import current as current_group
-from .placement import load as load_placement
+from .placement import read_placement
 from .predict.lookahead import PREFETCHERS, attach_lookahead
 from .store import STORES, Checkpoint
 
@@ -29,6 +31,7 @@ class Runtime:
     layers: dict[str, MoELayer]
     pools: list = field(default_factory=list)  # cache.SlotPool per budget scope; empty when all experts resident
     group: object = None  # parallel.Group of an expert-parallel run; None in one process
+    rebalancer: object = None  # parallel.Rebalancer when the run rebalances online
 
     def stats(self) -> dict:
         """Routing statistics since load (or the last reset): one host sync per layer."""
@@ -92,7 +95,8 @@ class Runtime:
         held = sum(layer.experts.expert_bytes() * layer.experts.num_experts for layer in self.layers.values())
         return {**self.group.stats(), "placement": self.options.sharding.placement.algorithm,
                 "max_mean_load": round(sum(imbalance) / len(imbalance), 4) if imbalance else None,
-                "expert_bytes_this_rank": held}
+                "expert_bytes_this_rank": held,
+                "rebalance": None if self.rebalancer is None else self.rebalancer.stats()}
 
     def reset_stats(self) -> None:
         for layer in self.layers.values():
@@ -136,7 +140,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
          expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
-         prefetch: str | None = None, placement=None) -> nn.Module:
+         prefetch: str | None = None, placement=None, rebalance=None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -162,6 +166,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
+    rebalance: in an expert-parallel run, follow the load online: True (or a placement.OnlineConfig) re-plans
+    from recent steps and moves experts between steps, a few layers at a time; outputs do not change.
     """
     cache_options = dict(policy=policy, cache_scope=cache_scope, expert_store=expert_store, pin=pin,
                          pin_fraction=pin_fraction, prefetch=prefetch)
@@ -193,7 +199,24 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         opts = replace(opts, cache=cache)
     model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools,
                               group=None if opts.sharding is None else opts.sharding.group)
+    if rebalance:
+        model.moedeploy.rebalancer = _rebalancer(model, rebalance, expert_memory)
     return model
+
+
+def _rebalancer(model: nn.Module, rebalance, expert_memory) -> Rebalancer:
+    """Online rebalancing hooked before every model step."""
+    opts = model.moedeploy.options
+    if opts.sharding is None:
+        raise OptionError("rebalance applies to an expert-parallel run: launch with `torchrun --nproc-per-node N "
+                          "-m moedeploy ... --rebalance`")
+    if expert_memory is not None:
+        raise OptionError("rebalance with an expert_memory budget is not supported (the cache's slots would have "
+                          "to follow the moves); use one or the other")
+    config = rebalance if isinstance(rebalance, OnlineConfig) else OnlineConfig()
+    rebalancer = Rebalancer(list(model.moedeploy.layers.values()), opts.sharding, config)
+    model.register_forward_pre_hook(rebalancer)
+    return rebalancer
 
 
 def _sharding(placement, gating: str, prefetch, pin) -> Sharding | None:
@@ -210,5 +233,5 @@ def _sharding(placement, gating: str, prefetch, pin) -> Sharding | None:
         if value:
             raise OptionError(f"{name} is not supported with expert parallelism ({why}); leave it out under torchrun")
     if isinstance(placement, (str, Path)):
-        placement = load_placement(placement)
+        placement = read_placement(placement)
     return Sharding(group, placement)

@@ -45,6 +45,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
     p.add_argument("--placement", help="under torchrun: where the experts live (moedeploy place --out); "
                    "default contiguous")
+    p.add_argument("--rebalance", action="store_true", default=None,
+                   help="under torchrun: re-plan the placement from recent steps and move experts online")
     p.add_argument("--dist-timeout", type=float, default=120.0,
                    help="under torchrun: seconds before a collective that gets no answer ends the run (default 120)")
 
@@ -59,4 +61,5 @@ def load_options(args) -> dict:
     return dict(device=args.device, dtype=args.dtype, gating=args.gating, capacity_factor=args.capacity_factor,
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
                 policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
-                pin_fraction=args.pin_fraction, prefetch=args.prefetch, placement=args.placement)
+                pin_fraction=args.pin_fraction, prefetch=args.prefetch, placement=args.placement,
+                rebalance=args.rebalance)

@@ -88,7 +88,7 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     disk = _expert_store(ckpt, family, config, block, prefix, E)
     parallel = None
     if opts.sharding is not None:
-        parallel = opts.sharding.layer(index)
+        parallel = opts.sharding.layer(index, source=disk)
         disk = disk.subset(opts.sharding.local(index))
     if opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
         experts, store = disk.bank(dtype, device="meta"), disk

@@ -29,6 +29,7 @@ def main() -> int:
     p.add_argument("--out")
     p.add_argument("--placement", action="append", default=[], help="NAME=FILE")
     p.add_argument("--budget", type=float)
+    p.add_argument("--rebalance", action="store_true", help="also: the last placement, rebalanced online")
     p.add_argument("--spin", type=float)
     p.add_argument("--ready")
     p.add_argument("--stall", action="store_true", help="with --spin: the last rank stops answering once ready")
@@ -50,6 +51,18 @@ def main() -> int:
                 results[name if budget is None else f"{name}@{budget}"] = {
                     "logits": logits, "tokens": tokens, "engine": engine_tokens(model),
                     "parallel": model.moedeploy.parallel_stats()}
+        if args.rebalance:  # re-plan every 4 tokens from the last 8, a layer per token: moves during generate
+            from moedeploy.placement.online import OnlineConfig
+
+            model = load(args.model, dtype="float32", placement=file or None,
+                         rebalance=OnlineConfig(every=4, window=8, penalty=0.0, move_tokens=1))
+            with torch.inference_mode():
+                logits = model(IDS).logits
+                tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                        attention_mask=torch.ones(1, 4, dtype=torch.long))
+                logits_after = model(IDS).logits  # with the placement the moves left
+            results["rebalanced"] = {"logits": logits_after, "tokens": tokens, "engine": engine_tokens(model),
+                                     "parallel": model.moedeploy.parallel_stats()}
         if group.rank == 0:
             torch.save(results, args.out)
     except MoeDeployError as ex:

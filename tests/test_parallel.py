@@ -145,19 +145,24 @@ def test_ranks_match_one_process_for_every_placement(which, world, deepseek, tmp
         args += ["--placement", f"{name}={placement.save(tmp_path / f'{name}.json')}"]
     if world == 2:
         args += ["--budget", "0.5"]  # an expert cache on each rank
+    args += ["--rebalance"]  # the last placement, moved online while it runs
     run = torchrun(world, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
     assert set(results) >= {"contiguous", "shuffled", "replicated"}
     ref = _reference(path)
-    scale = ref["logits"].abs().max()
     for name, got in results.items():
-        err = (got["logits"] - ref["logits"]).abs().max() / scale
-        assert err <= 1e-6, f"{name}: logits differ by {err:.2e} relative"
+        if name.startswith(("contiguous", "shuffled")):  # one replica per expert: the same rows, the same bits
+            assert torch.equal(got["logits"], ref["logits"]), name
+        else:  # rows split over replicas go through matmuls of other sizes, whose kernels round differently
+            err = (got["logits"] - ref["logits"]).norm() / ref["logits"].norm()
+            assert err <= 1e-6, f"{name}: logits differ by {err:.2e} relative"
         assert torch.equal(got["tokens"], ref["tokens"]), name
         assert got["engine"] == ref["engine"], name  # the serving engine's batched steps too
         stats = got["parallel"]
         assert stats["world"] == world and stats["collectives"] > 0 and stats["rows_crossing"] > 0
+    moves = results["rebalanced"]["parallel"]["rebalance"]
+    assert moves["replans"] > 0 and moves["layer_moves"] > 0 and moves["moved_slots"] > 0, moves
 
 
 def test_eval_ppl_under_torchrun_prints_one_json_and_matches(tmp_path):

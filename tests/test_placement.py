@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from moedeploy.cli import main
 from moedeploy.errors import PlacementError
-from moedeploy.placement import load as load_placement
+from moedeploy.placement import read_placement as load_placement
 from moedeploy.placement import policies
 from moedeploy.placement.balance import balanced, by_share
 from moedeploy.placement.evaluate import evaluate

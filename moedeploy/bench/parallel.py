@@ -35,7 +35,9 @@ def _launch(ranks: int, command: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired as ex:
         raise MoeDeployError(f"{' '.join(command[:1])} with {ranks} ranks did not finish in {timeout:g} s") from ex
     if run.returncode != 0:
-        raise MoeDeployError(f"{command[0]} with {ranks} ranks failed: {run.stderr.strip().splitlines()[-1:]}")
+        lines = run.stderr.strip().splitlines()
+        said = [line for line in lines if "moedeploy: error" in line or "Error:" in line] or lines[-1:]
+        raise MoeDeployError(f"{command[0]} with {ranks} ranks failed: {said[0] if said else 'no message'}")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

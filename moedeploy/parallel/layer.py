@@ -28,10 +28,11 @@ Local = Callable[[Tensor, Routing], tuple[Tensor, Tensor]]
 
 
 class ExpertParallel:
-    def __init__(self, group: Group, slots: np.ndarray, num_experts: int):
+    def __init__(self, group: Group, slots: np.ndarray, num_experts: int, source=None):
         self.group = group
         self.slots = slots  # [S] this layer's physical -> logical map
         self.num_experts = num_experts
+        self.source = source  # store.DiskStore of every expert of the layer: where rebalancing reads new ones
         self.slot_tokens = np.zeros(slots.shape[0], dtype=np.int64)  # pairs per slot, summed over steps
 
     def __call__(self, x: Tensor, routing: Routing, local: Local) -> Tensor:

@@ -10,6 +10,6 @@ are the slots of one expert, each with a share of its tokens. The runtime (paral
 placement file and calls `balance.balanced`; it never plans.
 """
 
-from .plan import ModelShape, Placement, contiguous, load
+from .plan import ModelShape, Placement, contiguous, read_placement
 
-__all__ = ["ModelShape", "Placement", "contiguous", "load"]
+__all__ = ["ModelShape", "Placement", "contiguous", "read_placement"]

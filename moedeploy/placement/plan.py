@@ -4,7 +4,7 @@
     share [L, S]  the slot's share of its expert's tokens (an expert's replicas sum to 1)
 
 Every expert has at least one slot per layer, and no expert has two slots on one device. The file is
-JSON (`save` / `load`), checked against the model it is used for (`check_model`).
+JSON (`Placement.save` / `read_placement`), checked against the model it is used for (`check_model`).
 
 Legend: L = MoE layers, E = experts per layer, S = physical slots per layer (S >= E), P = slots per device.
 """
@@ -107,7 +107,7 @@ class Placement:
         return path
 
 
-def load(path: str | Path) -> Placement:
+def read_placement(path: str | Path) -> Placement:
     path = Path(path)
     if not path.is_file():
         raise PlacementError(f"placement file {path} does not exist; write one with `moedeploy place ... --out {path}`")
