@@ -81,7 +81,7 @@ class Runtime:
         return total
 
     def parallel_stats(self) -> dict | None:
-        """Expert parallelism on this rank: time in collectives, pair rows crossing ranks, and the busiest
+        """Expert parallelism on this rank: time in collectives, pair rows sent to other ranks, and the busiest
         rank's share of the routed pairs per layer (max/mean over ranks, from the replicas' split);
         None in one process."""
         if self.group is None:
@@ -94,6 +94,7 @@ class Runtime:
                 imbalance.append(float(tokens.max() / tokens.mean()))
         held = sum(layer.experts.expert_bytes() * layer.experts.num_experts for layer in self.layers.values())
         return {**self.group.stats(), "placement": self.options.sharding.placement.algorithm,
+                "exchange": self.options.sharding.exchange,
                 "max_mean_load": round(sum(imbalance) / len(imbalance), 4) if imbalance else None,
                 "expert_bytes_this_rank": held,
                 "rebalance": None if self.rebalancer is None else self.rebalancer.stats()}
@@ -140,7 +141,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
          expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
-         prefetch: str | None = None, placement=None, rebalance=None) -> nn.Module:
+         prefetch: str | None = None, placement=None, rebalance=None, exchange: str | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -166,6 +167,9 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
+    exchange: in an expert-parallel run, how pairs reach their experts: "all_gather" (default: one
+    collective per layer, each rank computing its slots' pairs over every token) or "all_to_all" (the
+    paper's: tokens sharded over ranks, sent to their experts' ranks and back, three collectives).
     rebalance: in an expert-parallel run, follow the load online: True (or a placement.OnlineConfig) re-plans
     from recent steps and moves experts between steps, a few layers at a time; outputs do not change.
     """
@@ -182,7 +186,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
     opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None,
-                   sharding=_sharding(placement, gating, prefetch, pin))
+                   sharding=_sharding(placement, gating, prefetch, pin, exchange))
     path = DEMO_MODEL if path is None else Path(path)
     model, family, opts = build_model(Checkpoint(path), opts)
     layers = {name: m for name, m in model.named_modules() if isinstance(m, MoELayer)}
@@ -219,12 +223,12 @@ def _rebalancer(model: nn.Module, rebalance, expert_memory) -> Rebalancer:
     return rebalancer
 
 
-def _sharding(placement, gating: str, prefetch, pin) -> Sharding | None:
+def _sharding(placement, gating: str, prefetch, pin, exchange) -> Sharding | None:
     """This rank's share of an expert-parallel run, or None in one process."""
     group = current_group()
     if group is None:
-        if placement is not None:
-            raise OptionError("placement= applies to an expert-parallel run: launch with `torchrun --nproc-per-node N "
+        if placement is not None or exchange is not None:
+            raise OptionError("placement= and exchange= apply to an expert-parallel run: launch with `torchrun --nproc-per-node N "
                               "-m moedeploy ... --placement FILE` (or call moedeploy.parallel.init() in each process)")
         return None
     for name, value, why in (("gating", gating != "dynamic", "every rank would need every expert"),
@@ -234,4 +238,4 @@ def _sharding(placement, gating: str, prefetch, pin) -> Sharding | None:
             raise OptionError(f"{name} is not supported with expert parallelism ({why}); leave it out under torchrun")
     if isinstance(placement, (str, Path)):
         placement = read_placement(placement)
-    return Sharding(group, placement)
+    return Sharding(group, placement, exchange or "all_gather")

@@ -45,6 +45,8 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
     p.add_argument("--placement", help="under torchrun: where the experts live (moedeploy place --out); "
                    "default contiguous")
+    p.add_argument("--exchange", help="under torchrun: all_gather (default, one collective per MoE layer) or "
+                   "all_to_all (the paper's token all-to-all)")
     p.add_argument("--rebalance", action="store_true", default=None,
                    help="under torchrun: re-plan the placement from recent steps and move experts online")
     p.add_argument("--dist-timeout", type=float, default=120.0,
@@ -62,4 +64,4 @@ def load_options(args) -> dict:
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
                 policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
                 pin_fraction=args.pin_fraction, prefetch=args.prefetch, placement=args.placement,
-                rebalance=args.rebalance)
+                rebalance=args.rebalance, exchange=args.exchange)

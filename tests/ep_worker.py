@@ -3,7 +3,7 @@
     torchrun --nproc-per-node N tests/ep_worker.py --model DIR --out FILE [--placement NAME=FILE ...]
         [--budget 0.5] [--spin SECONDS --ready DIR [--stall]]
 
-For each placement (and contiguous), loads the model in float32, computes the logits of fixed input ids and a
+For each placement (and contiguous) and each exchange (all_gather, all_to_all), loads the model in float32, computes the logits of fixed input ids and a
 greedy continuation; rank 0 saves them with torch.save. --spin runs forward passes until killed (the
 failure tests), after writing this rank's pid into --ready; with --stall the last rank stops answering.
 """
@@ -19,6 +19,7 @@ import torch
 
 from moedeploy import load, parallel
 from moedeploy.errors import MoeDeployError
+from moedeploy.parallel.layer import EXCHANGES
 
 IDS = torch.tensor([[5, 17, 3, 44, 9, 28, 61, 2, 33, 12, 7, 50]])
 
@@ -40,17 +41,18 @@ def main() -> int:
         if args.spin:
             return spin(args, group)
         results = {}
-        for spec in ["contiguous=", *args.placement]:
+        runs = [(spec, exchange, None) for spec in ["contiguous=", *args.placement] for exchange in EXCHANGES]
+        runs += [(spec, None, args.budget) for spec in ["contiguous=", *args.placement] if args.budget]
+        for spec, exchange, budget in runs:  # each placement with each exchange, and with an expert cache
             name, _, file = spec.partition("=")
-            for budget in (None, args.budget) if args.budget else (None,):
-                model = load(args.model, dtype="float32", placement=file or None, expert_memory=budget)
-                with torch.inference_mode():
-                    logits = model(IDS).logits
-                    tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                            attention_mask=torch.ones(1, 4, dtype=torch.long))
-                results[name if budget is None else f"{name}@{budget}"] = {
-                    "logits": logits, "tokens": tokens, "engine": engine_tokens(model),
-                    "parallel": model.moedeploy.parallel_stats()}
+            model = load(args.model, dtype="float32", placement=file or None, expert_memory=budget, exchange=exchange)
+            with torch.inference_mode():
+                logits = model(IDS).logits
+                tokens = model.generate(IDS[:, :4], max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                        attention_mask=torch.ones(1, 4, dtype=torch.long))
+            results[f"{name}/{exchange}" if budget is None else f"{name}@{budget}"] = {
+                "logits": logits, "tokens": tokens, "engine": engine_tokens(model),
+                "parallel": model.moedeploy.parallel_stats()}
         if args.rebalance:  # re-plan every 4 tokens from the last 8, a layer per token: moves during generate
             from moedeploy.placement.online import OnlineConfig
 

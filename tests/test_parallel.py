@@ -149,7 +149,8 @@ def test_ranks_match_one_process_for_every_placement(which, world, deepseek, tmp
     run = torchrun(world, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     results = torch.load(tmp_path / "out.pt")
-    assert set(results) >= {"contiguous", "shuffled", "replicated"}
+    assert set(results) >= {f"{name}/{x}" for name in ("contiguous", "shuffled", "replicated")
+                            for x in ("all_gather", "all_to_all")}
     ref = _reference(path)
     for name, got in results.items():
         if name.startswith(("contiguous", "shuffled")):  # one replica per expert: the same rows, the same bits
@@ -160,7 +161,7 @@ def test_ranks_match_one_process_for_every_placement(which, world, deepseek, tmp
         assert torch.equal(got["tokens"], ref["tokens"]), name
         assert got["engine"] == ref["engine"], name  # the serving engine's batched steps too
         stats = got["parallel"]
-        assert stats["world"] == world and stats["collectives"] > 0 and stats["rows_crossing"] > 0
+        assert stats["world"] == world and stats["collectives"] > 0 and stats["rows_sent"] > 0
     moves = results["rebalanced"]["parallel"]["rebalance"]
     assert moves["replans"] > 0 and moves["layer_moves"] > 0 and moves["moved_slots"] > 0, moves
 
@@ -260,3 +261,8 @@ def test_two_replicas_on_one_device_are_refused():
     slots = np.array([[0, 1, 2, 0]])  # device 0 holds expert 0 twice
     with pytest.raises(PlacementError, match="expert 0 has two replicas on device 0"):
         Placement(ModelShape(1, 3, 1), 1, slots, np.array([[0.5, 1, 1, 0.5]]))
+
+
+def test_an_unknown_exchange_is_refused():
+    with pytest.raises(OptionError, match="unknown exchange 'ring'; choose one of: all_gather, all_to_all"):
+        Sharding(Group(0, 2, 10.0), None, "ring")

@@ -3,8 +3,9 @@
 Each configuration is its own launch: one plain process for 1 rank (the baseline), `torchrun
 --nproc-per-node N` for more, every rank with one thread. Each runs `moedeploy eval-ppl` over the same
 text (teacher forcing: prefill-shaped steps of --context tokens) and `moedeploy generate` (decode), and
-reports tokens per second, the share of its time rank 0 spent inside the collectives (the all-to-alls
-and the all-gather), the share of pair rows that crossed ranks, and the busiest rank's load (max/mean
+reports tokens per second, the share of its time rank 0 spent inside the collectives, the share of
+pair rows it sent to other ranks, for each exchange (`all_gather`: one collective per layer;
+`all_to_all`: the paper's three), and the busiest rank's load (max/mean
 pairs per rank, mean over layers). The baseline runs first and last; ratios are to the mean of the two.
 """
 
@@ -41,22 +42,23 @@ def _launch(ranks: int, command: list[str], timeout: float) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-def _one(args, ranks: int, name: str, file: str | None) -> dict:
+def _one(args, ranks: int, name: str, file: str | None, exchange: str | None = None) -> dict:
     common = ["--dtype", args.dtype] + (["--model", args.model] if args.model else [])
     common += ["--placement", file] if file else []
+    common += ["--exchange", exchange] if exchange else []
     ppl = _launch(ranks, ["eval-ppl", "--text", str(args.text), "--context", str(args.context), *common], args.timeout)
     gen = _launch(ranks, ["generate", "--prompt", "ROMEO. ", "--max-new-tokens", str(args.new_tokens), *common],
                   args.timeout)
     par = ppl.get("parallel") or {}
-    row = {"placement": name, "ranks": ranks, "tokens": ppl["tokens"],
+    row = {"placement": name, "ranks": ranks, "exchange": exchange or "-", "tokens": ppl["tokens"],
            "prefill_tok_s": round(ppl["tokens"] / ppl["seconds"], 1),
            "decode_tok_s": gen["stats"]["decode_tokens_per_s"],
            "comm_share": round(par["comm_s"] / ppl["seconds"], 3) if par else 0.0,
            "decode_comm_share": round(gen["stats"]["parallel"]["comm_s"] / gen["stats"]["total_s"], 3) if par else 0.0,
-           "crossing_share": par.get("crossing_share", 0.0), "max_mean_load": par.get("max_mean_load"),
+           "sent_share": par.get("sent_share", 0.0), "max_mean_load": par.get("max_mean_load"),
            "expert_bytes_rank0": par.get("expert_bytes_this_rank")}
-    print(f"  {name:>12} x{ranks}: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']} tok/s, "
-          f"collectives {row['comm_share']:.0%} / {row['decode_comm_share']:.0%}, crossing {row['crossing_share']:.0%}, "
+    print(f"  {name:>12} x{ranks} {row['exchange']:>10}: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']} tok/s, "
+          f"collectives {row['comm_share']:.0%} / {row['decode_comm_share']:.0%}, rows sent {row['sent_share']:.0%}, "
           f"max/mean {row['max_mean_load']}", file=sys.stderr)
     return row
 
@@ -72,7 +74,9 @@ def run(args) -> int:
                                  f"rank count), got {spec!r}" + (f"; missing: {', '.join(missing)}" if missing else ""))
         placements.append((name, file))
     first = _one(args, 1, "one process", None)
-    rows = [_one(args, n, name, file and file.format(ranks=n)) for name, file in placements for n in ranks if n > 1]
+    exchanges = [x.strip() for x in args.exchange.split(",") if x.strip()]
+    rows = [_one(args, n, name, file and file.format(ranks=n), x)
+            for name, file in placements for n in ranks if n > 1 for x in exchanges]
     last = _one(args, 1, "one process", None)
     base = {k: statistics.mean([first[k], last[k]]) for k in ("prefill_tok_s", "decode_tok_s")}
     for row in rows:
@@ -83,12 +87,12 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{'placement':>12} {'ranks':>5} {'prefill tok/s':>13} {'vs one':>7} {'decode tok/s':>12} {'vs one':>7} "
-              f"{'collectives':>11} {'crossing':>8} {'max/mean':>8}")
+        print(f"{'placement':>12} {'ranks':>5} {'exchange':>10} {'prefill tok/s':>13} {'vs one':>7} {'decode tok/s':>12} {'vs one':>7} "
+              f"{'collectives':>11} {'rows sent':>9} {'max/mean':>8}")
         for row in [first, *rows, last]:
-            print(f"{row['placement']:>12} {row['ranks']:>5} {row['prefill_tok_s']:>13} {row.get('prefill_vs_one', 1.0):>7} "
+            print(f"{row['placement']:>12} {row['ranks']:>5} {row['exchange']:>10} {row['prefill_tok_s']:>13} {row.get('prefill_vs_one', 1.0):>7} "
                   f"{row['decode_tok_s']:>12} {row.get('decode_vs_one', 1.0):>7} {row['comm_share']:>11.1%} "
-                  f"{row['crossing_share']:>8.1%} {row['max_mean_load'] or '-':>8}")
+                  f"{row['sent_share']:>9.1%} {row['max_mean_load'] or '-':>8}")
     return 0
 
 
@@ -99,6 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "{ranks} in FILE stands for the rank count, e.g. greedy=plans/greedy{ranks}.json; "
                    "contiguous always runs")
     p.add_argument("--text", type=Path, default=HELD_OUT, help="text for eval-ppl (default: the held-out Tempest)")
+    p.add_argument("--exchange", default="all_gather,all_to_all", help="exchanges to compare (default both)")
     p.add_argument("--context", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="float32")

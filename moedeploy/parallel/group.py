@@ -30,8 +30,8 @@ class Group:
     timeout_s: float
     comm_s: float = 0.0  # seconds inside collectives (all-to-all and gather), this rank
     calls: int = 0
-    rows_sent: int = 0  # pair rows sent to other ranks (the token crossing devices)
-    rows_kept: int = 0  # pair rows whose expert is on this rank
+    rows_sent: int = 0  # pair rows sent to other ranks
+    rows_kept: int = 0  # pair rows this rank kept for itself
 
     def reset_stats(self) -> None:
         self.comm_s, self.calls, self.rows_sent, self.rows_kept = 0.0, 0, 0, 0
@@ -39,7 +39,7 @@ class Group:
     def stats(self) -> dict:
         total = self.rows_sent + self.rows_kept
         return {"rank": self.rank, "world": self.world, "comm_s": round(self.comm_s, 4), "collectives": self.calls,
-                "rows_crossing": self.rows_sent, "crossing_share": round(self.rows_sent / total, 4) if total else 0.0}
+                "rows_sent": self.rows_sent, "sent_share": round(self.rows_sent / total, 4) if total else 0.0}
 
     def _run(self, what: str, fn):
         start = time.perf_counter()
@@ -54,11 +54,14 @@ class Group:
         self.calls += 1
         return out
 
+    def note_rows(self, kept: int, sent: int) -> None:
+        self.rows_kept += kept
+        self.rows_sent += sent
+
     def all_to_all(self, rows: Tensor, send: list[int], recv: list[int]) -> Tensor:
         """rows [sum(send), D] split by `send` over the ranks -> [sum(recv), D] from them, rank order."""
         out = rows.new_empty((sum(recv), rows.shape[-1]))
-        self.rows_sent += sum(send) - send[self.rank]
-        self.rows_kept += send[self.rank]
+        self.note_rows(kept=send[self.rank], sent=sum(send) - send[self.rank])
         self._run("all-to-all", lambda: dist.all_to_all_single(out, rows.contiguous(), recv, send))
         return out
 

@@ -16,6 +16,10 @@ before the all-to-all. Rank r is the source of a contiguous shard of the step's 
 Within one slot the rows reach its rank in global token order, so a non-replicated expert computes
 exactly the rows, in the order, a single process would.
 
+`gathered` is the other exchange: since every rank holds every token's hidden state, rank r computes
+its slots' pairs over all tokens, and one all-gather of the rows replaces the two all-to-alls and the
+gather of outputs (one collective per layer instead of three; K times the output rows travel).
+
 Legend: T tokens, K experts per token, E experts, S slots, P slots per rank, W ranks.
 """
 
@@ -44,19 +48,25 @@ def shard(T: int, world: int, rank: int) -> tuple[int, int]:
     return rank * T // world, (rank + 1) * T // world
 
 
-def exchange(ids: np.ndarray, slots: np.ndarray, world: int, rank: int, num_experts: int) -> Exchange:
-    """ids [T, K] (E marks a dropped pair), slots [S] the layer's placement -> this rank's Exchange."""
-    T, K = ids.shape
-    P = slots.shape[0] // world
+def _assign(ids: np.ndarray, slots: np.ndarray, world: int, num_experts: int):
+    """ids [T, K] -> valid [V] flat pair indices (dropped pairs left out), slot [V] of each pair, quota [S]
+    pairs per slot (the per-batch replica split)."""
     flat = ids.reshape(-1).astype(np.int64, copy=False)  # [T*K]
     valid = np.flatnonzero(flat < num_experts)  # dropped pairs go nowhere
     experts = flat[valid]
-    counts = np.bincount(experts, minlength=num_experts)  # [E]
-    quota = balanced(counts, slots, world)  # [S]
+    quota = balanced(np.bincount(experts, minlength=num_experts), slots, world)  # [S]
     by_expert = np.argsort(experts, kind="stable")  # valid pairs by expert, global order within
     slot_order = np.argsort(slots, kind="stable")  # slots grouped by expert, ascending
     slot = np.empty_like(experts)
     slot[by_expert] = np.repeat(slot_order, quota[slot_order])  # [V] the slot of each valid pair
+    return valid, slot, quota
+
+
+def exchange(ids: np.ndarray, slots: np.ndarray, world: int, rank: int, num_experts: int) -> Exchange:
+    """ids [T, K] (E marks a dropped pair), slots [S] the layer's placement -> this rank's Exchange."""
+    T, K = ids.shape
+    P = slots.shape[0] // world
+    valid, slot, quota = _assign(ids, slots, world, num_experts)
     dest = slot // P
     starts = np.array([shard(T, world, r)[0] for r in range(world)])  # [W]
     source = np.searchsorted(starts, valid // K, side="right") - 1  # the rank whose shard holds the pair's token
@@ -73,3 +83,22 @@ def exchange(ids: np.ndarray, slots: np.ndarray, world: int, rank: int, num_expe
         recv_slots=slot[to_me] % P,
         slot_tokens=quota,
     )
+
+
+@dataclass(frozen=True)
+class Gathered:
+    pairs: np.ndarray  # [V] every routed pair's flat index t*K + k, by computing rank, then slot, then pair
+    sizes: list[int]  # [W] pairs each rank computes (its stretch of `pairs`)
+    slots: np.ndarray  # [V] the local slot of each pair on its rank
+    slot_tokens: np.ndarray  # [S] pairs each slot computes in this step
+
+
+def gathered(ids: np.ndarray, slots: np.ndarray, world: int, num_experts: int) -> Gathered:
+    """The all-gather exchange: every rank computes its slots' pairs over every token (it holds them all),
+    and the rows are gathered everywhere. ids [T, K], slots [S] -> who computes which pair, in what order
+    (per slot the pairs in global token order, as in `exchange` and in one process)."""
+    P = slots.shape[0] // world
+    valid, slot, quota = _assign(ids, slots, world, num_experts)
+    order = np.lexsort((valid, slot))  # by slot (so by rank: slot = rank * P + local), then pair
+    return Gathered(pairs=valid[order], sizes=np.bincount(slot[order] // P, minlength=world).tolist(),
+                    slots=slot[order] % P, slot_tokens=quota)

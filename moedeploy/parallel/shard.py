@@ -7,16 +7,21 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..errors import PlacementError
+from ..errors import OptionError, PlacementError
 from ..placement import ModelShape, Placement, contiguous
 from .group import Group
-from .layer import ExpertParallel
+from .layer import EXCHANGES, ExpertParallel
 
 
 @dataclass(frozen=True)
 class Sharding:
     group: Group
     placement: Placement | None = None  # None: contiguous over the group's ranks
+    exchange: str = "all_gather"  # how pairs reach their rank's experts and come back (parallel/layer.py)
+
+    def __post_init__(self):
+        if self.exchange not in EXCHANGES:
+            raise OptionError(f"unknown exchange {self.exchange!r}; choose one of: {', '.join(EXCHANGES)}")
 
     def resolve(self, model: ModelShape) -> "Sharding":
         """This sharding with a placement for `model`: the given one, checked (layers and experts; top-k
@@ -36,5 +41,6 @@ class Sharding:
 
     def layer(self, layer: int, source=None) -> ExpertParallel:
         """MoE layer `layer`'s expert-parallel path; `source`: the layer's full expert store."""
-        return ExpertParallel(self.group, self.placement.slots[layer], self.placement.model.num_experts, source)
+        return ExpertParallel(self.group, self.placement.slots[layer], self.placement.model.num_experts, source,
+                              self.exchange)
 
