@@ -1,7 +1,11 @@
-"""Expert placement: planning time at DeepSeek-V3 size, and replicate vs DeepSeek's EPLB rule on ESFT traces.
+"""Expert placement: planning time at DeepSeek-V3 size, replicate vs DeepSeek's EPLB rule on ESFT traces, and
+the per-batch replica split against its optimum.
 The numbers in docs/benchmarks.md ("Expert placement") came from this script.
 
     PYTHONPATH=. python scripts/placement-bench.py [ESFT_DIR] [--json]
+
+Split vs optimum: balance.balanced's busiest device against the exact fractional optimum of the split (the
+LP SGLang solves), rounded up to whole tokens, on the same replicated placements and batches.
 
 Timing: 58 layers x 256 experts, 288 slots on 32 devices, random Pareto loads (plan time does not depend
 on the values), median of 7 runs after a warm-up. Anti-correlation also gets a [64, 58, 256] series.
@@ -105,17 +109,59 @@ def eplb_compare(esft: Path) -> list[dict]:
     return rows
 
 
+def optimal_split(counts: np.ndarray, slots: np.ndarray, devices: int) -> float:
+    """The fractional optimum of the per-batch split (what SGLang's LP solves): counts [E], slots [S] ->
+    the least possible busiest-device load. By max-flow duality it is the largest, over device subsets D,
+    of the tokens of experts whose replicas all lie in D, divided by |D|; with 8 devices, 255 subsets."""
+    P = slots.shape[0] // devices
+    mask = np.zeros(counts.shape[0], dtype=np.int64)  # [E] bitmask of the devices holding each expert
+    np.bitwise_or.at(mask, slots, 1 << (np.arange(slots.shape[0]) // P))
+    subsets = np.arange(1, 1 << devices)  # [2^N - 1]
+    confined = (mask[None, :] & ~subsets[:, None]) == 0  # [subsets, E]
+    size = np.array([bin(m).count("1") for m in subsets])
+    return float((confined @ counts / size).max())
+
+
+def split_vs_optimum(esft: Path) -> list[dict]:
+    """balance.balanced's busiest device against the LP optimum, same placements and batches."""
+    from moedeploy.placement.balance import balanced
+    from moedeploy.trace import load_trace
+
+    domains = load_trace(esft).by_domain()
+    model = ModelShape(26, 64, 6)
+    rows = []
+    for name in ("intent", "translation", "law", "summary"):
+        ex = domains[name].experts
+        n = ex.shape[0] // 2
+        placement = policies.replicate(LoadStats.of(ex[:n], 64).total, model, 8, 72)
+        for B in (64, 1024):
+            counts = batch_counts(ex[n:], 64, B)  # [T, L, E]
+            greedy, best, exact = [], [], 0
+            for t in range(counts.shape[0]):
+                for layer in range(26):
+                    c, s = counts[t, layer], placement.slots[layer]
+                    load = np.bincount(np.arange(72) // 9, weights=balanced(c, s, 8), minlength=8)
+                    mean = load.mean()
+                    greedy.append(load.max() / mean)
+                    best.append(np.ceil(optimal_split(c, s, 8) - 1e-9) / mean)  # whole tokens
+                    exact += bool(load.max() <= np.ceil(optimal_split(c, s, 8) - 1e-9))
+            rows.append({"domain": name, "batch": B, "balanced": round(float(np.mean(greedy)), 4),
+                         "optimum": round(float(np.mean(best)), 4), "optimal_share": round(exact / len(greedy), 4)})
+    return rows
+
+
 def main() -> None:
     esft = Path(sys.argv[1]) if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else ESFT
     out = {"plan_seconds_deepseek_v3_size": timing()}
     if esft.is_dir():
         out["eplb"] = eplb_compare(esft)
+        out["split_vs_optimum"] = split_vs_optimum(esft)
     if "--json" in sys.argv:
         print(json.dumps(out))
         return
     for k, v in out["plan_seconds_deepseek_v3_size"].items():
         print(f"{k}: {v * 1000:.1f} ms")
-    for r in out.get("eplb", []):
+    for r in out.get("eplb", []) + out.get("split_vs_optimum", []):
         print(r)
 
 
