@@ -28,6 +28,7 @@ class Group:
     rank: int
     world: int
     timeout_s: float
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL needs CUDA tensors)
     comm_s: float = 0.0  # seconds inside collectives (all-to-all and gather), this rank
     calls: int = 0
     rows_sent: int = 0  # pair rows sent to other ranks
@@ -77,7 +78,7 @@ class Group:
 
     def check_same(self, value: int, what: str) -> None:
         """Every rank holds the same integer `value` (e.g. a hash of the inputs), else a DistributedError."""
-        t = torch.tensor([value, -value], dtype=torch.long)
+        t = torch.tensor([value, -value], dtype=torch.long, device=self.device)
         self._run(f"comparing {what}", lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN))
         if int(t[0]) != value or -int(t[1]) != value:
             raise DistributedError(f"rank {self.rank}: the ranks were given different {what}; every rank must run "
@@ -116,7 +117,7 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
     except (RuntimeError, ValueError, dist.DistBackendError) as ex:
         raise DistributedError(f"could not join the torchrun group with {backend} ({_first_line(ex)}); launch with "
                                "`torchrun --nproc-per-node N -m moedeploy ...` and check the rendezvous address") from ex
-    _GROUP = Group(rank=dist.get_rank(), world=dist.get_world_size(), timeout_s=timeout_s)
+    _GROUP = Group(rank=dist.get_rank(), world=dist.get_world_size(), timeout_s=timeout_s, device=device)
     return _GROUP
 
 
