@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-PARALLEL_COMMANDS = ("generate", "eval-ppl")  # the commands that run expert-parallel under torchrun
+PARALLEL_COMMANDS = ("generate", "eval-ppl", "serve")  # the commands that run expert-parallel under torchrun
 
 
 def _join_torchrun(args) -> int:

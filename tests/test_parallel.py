@@ -266,3 +266,49 @@ def test_two_replicas_on_one_device_are_refused():
 def test_an_unknown_exchange_is_refused():
     with pytest.raises(OptionError, match="unknown exchange 'ring'; choose one of: all_gather, all_to_all"):
         Sharding(Group(0, 2, 10.0), None, "ring")
+
+
+# --- serving ------------------------------------------------------------------------------------------------------
+
+def test_an_expert_parallel_server_answers_as_one_process_and_stops_cleanly(tmp_path):
+    """`torchrun -m moedeploy serve`: rank 0 serves, rank 1 follows its steps; concurrent requests through the
+    official client equal the one-process engine's answers; SIGTERM to rank 0 drains, and every rank and
+    torchrun exit 0."""
+    import asyncio
+
+    import openai
+    from transformers import AutoTokenizer
+
+    from moedeploy.bench.serve import Server
+    from moedeploy.engine import Engine, SamplingParams
+
+    command = [*TORCHRUN, "--nproc-per-node=2", "-m", "moedeploy", "serve", "--port", "0", "--dtype", "float32",
+               "--placement", str(replicated(ModelShape(4, 32, 4), 2).save(tmp_path / "p.json"))]
+    server = Server("torchrun serve", command, model="moedeploy-demo", env=_env()).wait("/health")
+    try:
+        prompts = ["To be, or not to be", "Now is the winter", "O Romeo, Romeo", "Friends, Romans"]
+
+        async def ask():
+            c = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+            return await asyncio.gather(*[c.completions.create(model="moedeploy-demo", prompt=p, max_tokens=8,
+                                                               temperature=0) for p in prompts])
+
+        got = [r.choices[0].text for r in asyncio.run(ask())]
+    finally:
+        import re
+
+        found = re.search(r"pid (\d+): SIGTERM it", server.log.read_text())
+        os.kill(int(found.group(1)), signal.SIGTERM) if found else server.proc.terminate()
+        try:
+            code = server.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            server.stop()
+            pytest.fail("the expert-parallel server did not stop within 60 s of SIGTERM")
+    log = server.log.read_text()
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    engine = Engine(load(dtype="float32"), tokenizer)
+    want = [o.text for o in engine.generate([tokenizer(p)["input_ids"] for p in prompts],
+                                            SamplingParams(max_tokens=8, temperature=0))]
+    assert got == want
+    assert code == 0, log[-2000:]
+    assert "rank 1 stopped after" in log, log[-2000:]

@@ -104,11 +104,11 @@ def _notify(request: Request, update: Update) -> None:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), runner: ModelRunner | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
-        self.runner = ModelRunner(model)
+        self.runner = runner or ModelRunner(model)  # parallel.serve.LeaderRunner in an expert-parallel server
         self.scheduler = Scheduler(config.max_batch_tokens, config.max_running)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         eos = model.generation_config.eos_token_id
@@ -235,7 +235,7 @@ class Engine:
         print(f"moedeploy: engine step failed: {type(ex).__name__}: {ex}", file=sys.stderr)
         for request in list(self.scheduler.running):
             self._finish(request, "error", f"the model step failed ({type(ex).__name__})")
-        self.runner.kv.reset()
+        self.runner.reset()
         self._publish()
 
     def _take_inbox(self) -> None:
@@ -268,7 +268,7 @@ class Engine:
             return
         request.finish_reason = reason
         self.scheduler.remove(request)
-        self.runner.kv.free([request.id])
+        self.runner.free([request.id])
         self.requests.pop(request.id, None)
         if reason in ("length", "abort", "timeout", "error") and request.detok is not None:
             text += request.detok.flush()  # no stop string ended it: what was held back is final now

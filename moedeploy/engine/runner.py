@@ -15,6 +15,7 @@ Legend: T = tokens in the step, R = requests sampled, V = vocabulary.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 
@@ -30,6 +31,17 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step, packed: what the model is given. Plain lists, so it can be sent to other ranks."""
+
+    ids: list[int]  # [T] token ids
+    pos: list[int]  # [T] positions
+    last: list[int]  # [R] rows whose logits are sampled
+    segments: list[tuple[int, int, int]]  # (request id, first row, rows) per chunk
+    limits: dict[int, int]  # request id -> the most KV columns it will need (prompt + max_tokens)
+
+
 class ModelRunner:
     def __init__(self, model):
         self.model = model
@@ -38,20 +50,37 @@ class ModelRunner:
         attention.install(model)
         self._cache_kw = cache_keyword(model)
 
-    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Run the chunks as one step; return logits [R, V] for the chunks that sample, in their order."""
-        ids, pos, last, segments = [], [], [], []
-        for c in chunks:
-            segments.append((c.request.id, len(ids), c.length))
-            ids += c.request.tokens(c.start, c.length)
-            pos += range(c.start, c.start + c.length)
-            if c.samples:
-                last.append(len(ids) - 1)
-        self.kv.begin(segments, {c.request.id: len(c.request.prompt) + c.request.params.max_tokens for c in chunks})
+        return self.run(pack(chunks))
+
+    @torch.inference_mode()
+    def run(self, step: Step) -> torch.Tensor:
+        self.kv.begin(step.segments, step.limits)
         to = dict(dtype=torch.long, device=self.device)
-        unused_mask = torch.zeros((1, 1, len(ids), 1), dtype=self.model.dtype, device=self.device)  # 4-D: taken as is
-        out = self.model(input_ids=torch.tensor([ids], **to), position_ids=torch.tensor([pos], **to),
-                         attention_mask=unused_mask, use_cache=True, logits_to_keep=torch.tensor(last, **to),
+        unused_mask = torch.zeros((1, 1, len(step.ids), 1), dtype=self.model.dtype, device=self.device)  # 4-D: as is
+        out = self.model(input_ids=torch.tensor([step.ids], **to), position_ids=torch.tensor([step.pos], **to),
+                         attention_mask=unused_mask, use_cache=True, logits_to_keep=torch.tensor(step.last, **to),
                          packed_kv=self.kv, **{self._cache_kw: self.kv})
         return out.logits[0]  # [R, V]
+
+    def free(self, request_ids: list[int]) -> None:
+        """Ended requests' KV regions become free."""
+        self.kv.free(request_ids)
+
+    def reset(self) -> None:
+        """Every region free (after a failed step)."""
+        self.kv.reset()
+
+
+def pack(chunks: list[Chunk]) -> Step:
+    """A step's chunks as one sequence: ids and positions, the rows that sample, each chunk's segment."""
+    ids, pos, last, segments = [], [], [], []
+    for c in chunks:
+        segments.append((c.request.id, len(ids), c.length))
+        ids += c.request.tokens(c.start, c.length)
+        pos += range(c.start, c.start + c.length)
+        if c.samples:
+            last.append(len(ids) - 1)
+    return Step(ids, pos, last, segments, {c.request.id: len(c.request.prompt) + c.request.params.max_tokens
+                                           for c in chunks})

@@ -1,4 +1,5 @@
-"""`moedeploy serve`: load a model, start the engine, serve the OpenAI API with uvicorn until SIGTERM or Ctrl-C."""
+"""`moedeploy serve`: load a model, start the engine, serve the OpenAI API with uvicorn until SIGTERM or Ctrl-C.
+Under torchrun (expert parallelism) rank 0 serves and the other ranks follow its steps (parallel/serve.py)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,25 @@ def run(args) -> int:
         raise MoeDeployError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads or max(len(os.sched_getaffinity(0)) - 1, 1))
     model = load(args.model, **load_options(args))
+    group = model.moedeploy.group  # an expert-parallel server: rank 0 serves, the other ranks follow its steps
+    if group is not None and group.rank > 0:
+        from ..parallel.serve import follow
+
+        steps = follow(model, group)
+        print(f"moedeploy: rank {group.rank} stopped after {steps} steps", file=sys.stderr)
+        return 0
     path = model.moedeploy.path
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         engine_tokenizer = AutoTokenizer.from_pretrained(path)  # its own: the Rust tokenizer is not shared across threads
     except (OSError, ValueError) as ex:
         raise MoeDeployError(f"{path} has no usable tokenizer ({type(ex).__name__}); save one with the checkpoint") from ex
-    engine = Engine(model, engine_tokenizer, config)
+    runner = None
+    if group is not None:
+        from ..parallel.serve import LeaderRunner
+
+        runner = LeaderRunner(model, group)
+    engine = Engine(model, engine_tokenizer, config, runner)
     name = args.served_model_name or (DEMO_NAME if path == DEMO_MODEL else path.resolve().name)
     server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get("MOEDEPLOY_API_KEY") or None,
                           request_timeout=args.request_timeout, max_body_bytes=args.max_body_bytes,
@@ -65,7 +78,9 @@ def run(args) -> int:
     sock = _listen(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"moedeploy: serving '{name}' at http://{host}:{port}/v1 (max batch tokens {config.max_batch_tokens}, "
-          f"max model len {engine.max_model_len}, {torch.get_num_threads()} torch threads)", file=sys.stderr, flush=True)
+          f"max model len {engine.max_model_len}, {torch.get_num_threads()} torch threads"
+          + (f"; rank 0 of {group.world}, pid {os.getpid()}: SIGTERM it to stop every rank" if group else "") + ")",
+          file=sys.stderr, flush=True)
     uvicorn_config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(args.shutdown_grace) + 1)
     stopped = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -73,6 +88,8 @@ def run(args) -> int:
         # handler note the stop, so a requested stop exits 0 instead of dying by the signal
         signal.signal(sig, lambda signum, frame: stopped.append(signum))
     uvicorn.Server(uvicorn_config).run(sockets=[sock])
+    if runner is not None:
+        runner.stop()  # the engine has drained: release the other ranks
     print(f"moedeploy: stopped ({'signal ' + str(stopped[0]) if stopped else 'server exited'})", file=sys.stderr)
     return 0
 
