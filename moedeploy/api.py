@@ -14,6 +14,7 @@ from .loader import build_model
 from .options import LoadOptions
 from .parallel import Sharding
 from .parallel.rebalance import Rebalancer
+from .quant import QuantSpec
 from .placement.online import OnlineConfig
 from .parallel import current as current_group
 from .placement import read_placement
@@ -52,7 +53,7 @@ class Runtime:
         dense = sum(p.numel() for p in model.parameters())  # routed experts are buffers, not here
         expert = active_expert = 0
         for layer in self.layers.values():
-            n = sum(t.numel() for t in layer.experts.tensors())
+            n = layer.experts.parameter_count()
             expert += n
             active_expert += n * layer.router.top_k / layer.experts.num_experts
         total = dense + expert
@@ -141,7 +142,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
          capacity_factor: float | None = None, capacity_fraction: float | None = None, backend: str = "auto",
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
          expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
-         prefetch: str | None = None, placement=None, rebalance=None, exchange: str | None = None) -> nn.Module:
+         prefetch: str | None = None, placement=None, rebalance=None, exchange: str | None = None,
+         expert_dtype: str | None = None, group_size: int | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -167,6 +169,9 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
+    expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
+    load and run on torch's packed CPU kernels; dense weights, routers and shared experts keep `dtype`.
+    group_size: inputs per scale (int8: default the whole row; int4: 32, 64 (default), 128 or 256).
     exchange: in an expert-parallel run, how pairs reach their experts: "all_gather" (default: one
     collective per layer, each rank computing its slots' pairs over every token) or "all_to_all" (the
     paper's: tokens sharded over ranks, sent to their experts' ranks and back, three collectives).
@@ -185,7 +190,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
-    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None,
+    quant = _quant(expert_dtype, group_size, opts, expert_memory, placement)
+    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None, quant=quant,
                    sharding=_sharding(placement, gating, prefetch, pin, exchange))
     path = DEMO_MODEL if path is None else Path(path)
     model, family, opts = build_model(Checkpoint(path), opts)
@@ -221,6 +227,24 @@ def _rebalancer(model: nn.Module, rebalance, expert_memory) -> Rebalancer:
     rebalancer = Rebalancer(list(model.moedeploy.layers.values()), opts.sharding, config)
     model.register_forward_pre_hook(rebalancer)
     return rebalancer
+
+
+def _quant(expert_dtype, group_size, opts: LoadOptions, expert_memory, placement) -> QuantSpec | None:
+    """The quantization asked for, or None; refused where this version has no path for it."""
+    if expert_dtype is None:
+        if group_size is not None:
+            raise OptionError("group_size applies to quantized experts: give expert_dtype='int8' or 'int4' too")
+        return None
+    spec = QuantSpec(expert_dtype, group_size)
+    for asked, why in ((opts.device.type != "cpu", f"on {opts.device.type} (torch's packed int8/int4 kernels used "
+                        "here are CPU kernels)"),
+                       (opts.gating.mode != "dynamic", "with static gating"),
+                       (expert_memory is not None, "under an expert_memory budget yet"),
+                       (current_group() is not None or placement is not None, "with expert parallelism yet")):
+        if asked:
+            raise OptionError(f"quantized experts (expert_dtype={expert_dtype!r}) do not run {why}; "
+                              "leave out expert_dtype or that option")
+    return spec
 
 
 def _sharding(placement, gating: str, prefetch, pin, exchange) -> Sharding | None:

@@ -43,6 +43,9 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
     p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
     p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
+    p.add_argument("--expert-dtype", help="int8 or int4: routed experts quantized weight-only as they load (CPU)")
+    p.add_argument("--group-size", type=int, help="inputs per quantization scale (int8: default a whole row; "
+                   "int4: 32, 64 (default), 128 or 256)")
     p.add_argument("--placement", help="under torchrun: where the experts live (moedeploy place --out); "
                    "default contiguous")
     p.add_argument("--exchange", help="under torchrun: all_gather (default, one collective per MoE layer) or "
@@ -64,4 +67,5 @@ def load_options(args) -> dict:
                 capacity_fraction=args.capacity_fraction, backend=args.backend, expert_memory=memory,
                 policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
                 pin_fraction=args.pin_fraction, prefetch=args.prefetch, placement=args.placement,
-                rebalance=args.rebalance, exchange=args.exchange)
+                rebalance=args.rebalance, exchange=args.exchange, expert_dtype=args.expert_dtype,
+                group_size=args.group_size)

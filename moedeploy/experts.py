@@ -80,6 +80,10 @@ class ExpertBank(nn.Module):
         """The stacked [E, ...] tensors this bank has (biases only where present)."""
         return tuple(t for t in (self.w_in, self.w_out, self.b_in, self.b_out) if t is not None)
 
+    def parameter_count(self) -> int:
+        """Weights and biases of every expert."""
+        return sum(t.numel() for t in self.tensors())
+
     def expert_bytes(self) -> int:
         """Bytes of one expert's weights and biases."""
         return sum(t[0].numel() * t.element_size() for t in self.tensors())

@@ -28,6 +28,7 @@ from .models.base import router_module
 from .models.verify import verify_block
 from .options import LoadOptions
 from .placement import ModelShape
+from .quant import QuantizedBank
 from .routing import Router
 from .store import Checkpoint, DiskStore, HostStore
 
@@ -90,7 +91,9 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     if opts.sharding is not None:
         parallel = opts.sharding.layer(index, source=disk)
         disk = disk.subset(opts.sharding.local(index))
-    if opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
+    if opts.quant is not None:  # quantized one expert at a time as they stream from the checkpoint
+        experts, store = QuantizedBank.from_store(disk, opts.quant, dtype), disk
+    elif opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
         experts, store = disk.bank(dtype, device="meta"), disk
     else:
         experts = disk.bank(dtype)

@@ -46,6 +46,7 @@ class LoadOptions:
     expert_store: str = "host"  # where experts outside the device slots wait: "host" memory or "disk"
     buffered: bool = False  # an expert memory budget: experts stay in their store, slots on the device
     sharding: object | None = None  # parallel.Sharding: this rank's experts of an expert-parallel run
+    quant: object | None = None  # quant.QuantSpec: routed experts quantized as they load (int8, int4)
 
     @classmethod
     def build(cls, device="cpu", dtype="auto", gating="dynamic", capacity_factor=None, capacity_fraction=None,

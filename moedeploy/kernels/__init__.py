@@ -7,6 +7,8 @@ and returns y_sorted [P, D] (rows of dropped pairs are left unspecified; `combin
 - "loop": a plain loop over the experts that got tokens. The reference; works for every layout.
 - "grouped_mm": `torch._grouped_mm`, one call per projection over all experts. Needs rows whose
   byte strides are multiples of 16 (hidden and intermediate sizes times element size).
+- "quantized": a loop over the experts with torch's packed int8 / int4 kernels; the only backend of a
+  quantized bank (quant/), chosen for it whatever the name.
 - "auto": grouped_mm, except on CPU when the pairs are few (P * LOOP_RATIO <= E): torch's CPU
   grouped_mm visits every expert, idle or not (about 1.2 us per expert and projection, 1.2 ms a layer
   with 512 experts), while the loop visits only the experts that got tokens. Both compute the same
@@ -27,6 +29,7 @@ from ..errors import OptionError
 from ..experts import ExpertBank
 from .grouped import grouped_mm_experts, grouped_mm_supported
 from .loop import loop_experts
+from .quantized import quantized_experts
 
 Backend = Callable[[Tensor, Plan, ExpertBank], Tensor]
 
@@ -39,11 +42,18 @@ def auto_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
     return grouped_mm_experts(x_sorted, p, bank)
 
 
-BACKENDS: dict[str, Backend] = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "auto": auto_experts}
+BACKENDS: dict[str, Backend] = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "auto": auto_experts,
+                                "quantized": quantized_experts}
 
 
 def select(name: str, bank: ExpertBank) -> str:
     """The backend name to use for `bank`: `name` itself, or for "auto" the fastest that applies."""
+    if getattr(bank, "quantized", False):
+        if name not in ("auto", "quantized"):
+            raise OptionError(f"quantized experts run on their own kernels; backend {name!r} does not apply (use auto)")
+        return "quantized"
+    if name == "quantized":
+        raise OptionError("backend 'quantized' needs quantized experts (expert_dtype='int8' or 'int4')")
     if name == "auto":
         return "auto" if grouped_mm_supported(bank) else "loop"
     if name not in BACKENDS:

@@ -32,7 +32,8 @@ def _our_tensors(block: nn.Module, layer: MoELayer, experts) -> dict[str, torch.
 
 def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str) -> None:
     hf = copy.deepcopy(block).to_empty(device="cpu").float().eval()
-    on_disk = layer.experts.w_in.is_meta  # the disk tier: read this one layer's experts for the check
+    # the disk tier, or quantized experts: compare the float experts, read again for the check
+    on_disk = getattr(layer.experts, "quantized", False) or layer.experts.w_in.is_meta
     experts = layer.store.bank(torch.float32) if on_disk else layer.experts
     state = _our_tensors(block, layer, experts)
     needed = [n for n, _ in hf.named_parameters()] + [

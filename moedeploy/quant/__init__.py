@@ -1,0 +1,7 @@
+"""Weight-only quantized experts: formats (`formats.py`: int8 and int4, group-wise scales, torch's packed
+CPU kernels and their dequantise-then-matmul references) and the quantized expert bank (`bank.py`)."""
+
+from .bank import QuantizedBank
+from .formats import EXPERT_DTYPES, QuantSpec
+
+__all__ = ["EXPERT_DTYPES", "QuantSpec", "QuantizedBank"]

@@ -1,0 +1,117 @@
+"""Weight-only quantization of one projection w [N, K] (N outputs, K inputs), group-wise along K:
+
+    int8: symmetric, scale = max|w| / 127 per (row, group); q in -127..127        w ~ q * scale
+    int4: asymmetric, per (row, group) min and max: scale = (max - min) / 15,
+          q = round((w - min) / scale) in 0..15, zero = min + 8 * scale            w ~ (q - 8) * scale + zero
+
+Kernels (CPU, torch's own packed-weight ops; x in float32 or bfloat16, scales in x's dtype):
+    int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row)
+    int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2])
+Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul.
+
+Legend: N output features, K input features, g group size, G = K / g groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import OptionError
+
+EXPERT_DTYPES = ("int8", "int4")
+DEFAULT_GROUP = {"int8": None, "int4": 64}  # int8: one scale per row (one kernel call); int4: 64 (32 where 64
+# does not divide the inputs), between llama.cpp's Q4_0 (32) and GPTQ's usual 128
+INT4_GROUPS = (32, 64, 128, 256)  # what torch's int4 kernel takes
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    dtype: str  # "int8" or "int4"
+    group_size: int | None = None  # inputs per scale; None: the format's default (int8: the whole row)
+
+    def __post_init__(self):
+        if self.dtype not in EXPERT_DTYPES:
+            raise OptionError(f"unknown expert dtype {self.dtype!r}; choose one of: {', '.join(EXPERT_DTYPES)}")
+        g = self.group_size
+        if g is not None and g < 1:
+            raise OptionError(f"the group size must be a positive number of inputs, got {g}")
+        if self.dtype == "int4" and g is not None and g not in INT4_GROUPS:
+            raise OptionError(f"int4 groups are {', '.join(map(str, INT4_GROUPS))} inputs (torch's int4 kernel); "
+                              f"got {g}")
+
+    def group(self, K: int) -> int:
+        """The group size for a projection with K inputs, checked: it must divide K."""
+        g = self.group_size or DEFAULT_GROUP[self.dtype] or K
+        if self.group_size is None and self.dtype == "int4" and K % g and K % 32 == 0:
+            g = 32  # the default, 64, does not fit this projection: the next smaller group the kernel takes
+        if K % g:
+            raise OptionError(f"group size {g} does not divide the expert's input dimension {K}; choose a group "
+                              f"size that divides {K}" + (f" (int4 takes {', '.join(map(str, INT4_GROUPS))})"
+                                                           if self.dtype == "int4" else ""))
+        return g
+
+
+# --- int8 ---------------------------------------------------------------------------------------------------------
+
+def quantize_int8(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> q [N, K] int8, scale [N, G] float32."""
+    N, K = w.shape
+    wg = w.float().view(N, K // g, g)
+    scale = wg.abs().amax(-1).clamp(min=1e-12) / 127  # [N, G]
+    q = torch.round(wg / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q.view(N, K), scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    N, K = q.shape
+    G = scale.shape[1]
+    return (q.view(N, G, K // G).float() * scale.float().unsqueeze(-1)).view(N, K)
+
+
+def mm_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """x [M, K] @ dequantized(q).T -> [M, N], in x's dtype."""
+    G = scale.shape[1]
+    s = scale.to(x.dtype)
+    if G == 1:
+        return torch._weight_int8pack_mm(x.contiguous(), q, s[:, 0].contiguous())
+    g = q.shape[1] // G
+    out = None
+    for i in range(G):  # one kernel call per group: the kernel takes one scale per row
+        part = torch._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), q[:, i * g:(i + 1) * g].contiguous(),
+                                         s[:, i].contiguous())
+        out = part if out is None else out + part
+    return out
+
+
+# --- int4 ---------------------------------------------------------------------------------------------------------
+
+def quantize_int4(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
+    """w [N, K] -> q [N, K] int32 in 0..15, scales_and_zeros [G, N, 2] float32 (the kernel's layout)."""
+    N, K = w.shape
+    wg = w.float().view(N, K // g, g)
+    lo, hi = wg.amin(-1), wg.amax(-1)  # [N, G]
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo.unsqueeze(-1)) / scale.unsqueeze(-1)).clamp(0, 15).to(torch.int32).view(N, K)
+    zero = lo + 8 * scale
+    return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """q [N, K] int32 in 0..15 -> the CPU kernel's packed uint8 [N, K / 2]."""
+    return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
+    N, K = q.shape
+    G = scales_and_zeros.shape[0]
+    sz = scales_and_zeros.float().transpose(0, 1)  # [N, G, 2]
+    w = (q.view(N, G, K // G).float() - 8) * sz[..., :1] + sz[..., 1:]
+    return w.view(N, K)
+
+
+def mm_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, g: int) -> Tensor:
+    """x [M, K] @ dequantized.T -> [M, N], in x's dtype."""
+    return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, g, scales_and_zeros.to(x.dtype))

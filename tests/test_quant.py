@@ -1,0 +1,140 @@
+"""Weight-only quantized experts: each packed kernel against its dequantise-then-matmul reference, and whole
+models against the same model with its experts dequantized to float (the plain path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+from moedeploy import load
+from moedeploy.errors import OptionError
+from moedeploy.experts import ExpertBank
+from moedeploy.quant import QuantSpec
+from moedeploy.quant.formats import (dequantize_int4, dequantize_int8, mm_int4, mm_int8, pack_int4, quantize_int4,
+                                     quantize_int8)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the largest output
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype) -> None:
+    err = (got.float() - want.float()).abs().max() / want.float().abs().max()
+    assert err <= TOLERANCE[dtype], f"{err:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [64, 16])
+def test_int8_kernel_matches_its_reference_on_odd_shapes(dtype, group):
+    torch.manual_seed(0)
+    w = torch.randn(48, 64)
+    q, scale = quantize_int8(w, group)
+    deq = dequantize_int8(q, scale.to(dtype))
+    for tokens in range(1, 34, 4):
+        x = torch.randn(tokens, 64).to(dtype)
+        _close(mm_int8(x, q, scale.to(dtype)), x.float() @ deq.T, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4_kernel_matches_its_reference_on_odd_shapes(dtype, group):
+    torch.manual_seed(1)
+    w = torch.randn(48, 128)
+    q, sz = quantize_int4(w, group)
+    packed = pack_int4(q)
+    deq = dequantize_int4(q, sz.to(dtype))
+    for tokens in range(1, 34, 4):
+        x = torch.randn(tokens, 128).to(dtype)
+        _close(mm_int4(x, packed, sz.to(dtype), group), x.float() @ deq.T, dtype)
+
+
+def test_quantization_error_is_within_half_a_step():
+    torch.manual_seed(2)
+    w = torch.randn(32, 64)
+    q, scale = quantize_int8(w, 32)
+    step = scale.repeat_interleave(32, dim=1)
+    assert ((dequantize_int8(q, scale) - w).abs() <= step / 2 + 1e-6).all()
+    q4, sz = quantize_int4(w, 32)
+    step4 = sz[..., 0].transpose(0, 1).repeat_interleave(32, dim=1)
+    assert ((dequantize_int4(q4, sz) - w).abs() <= step4 / 2 + 1e-6).all()
+
+
+def _dequantized_reference(path, spec: QuantSpec):
+    """The float model with every routed expert replaced by dequantize(quantize(w)): the plain path."""
+    from moedeploy.quant.bank import _quantize
+
+    model = load(path, dtype="float32")
+    for layer in model.moedeploy.layers.values():
+        D, I = layer.experts.hidden_size, layer.experts.intermediate_size
+        rows = {"w_in": [], "w_out": []}
+        for e in range(layer.experts.num_experts):
+            for name, K in (("w_in", D), ("w_out", I)):
+                w = getattr(layer.experts, name)[e]
+                t = dict(_quantize(spec, "x", w, K))
+                if spec.dtype == "int8":
+                    rows[name].append(dequantize_int8(t["q_x"], t["s_x"]))
+                else:
+                    q, sz = quantize_int4(w, spec.group(K))
+                    rows[name].append(dequantize_int4(q, sz))
+        bank = layer.experts
+        layer.experts = ExpertBank(torch.stack(rows["w_in"]), torch.stack(rows["w_out"]), bank.activation,
+                                   bank.b_in, bank.b_out)
+    return model
+
+
+@pytest.mark.parametrize("family, spec", [("qwen3_moe", QuantSpec("int8")), ("qwen3_moe", QuantSpec("int8", 16)),
+                                          ("qwen3_moe", QuantSpec("int4", 32)), ("gpt_oss", QuantSpec("int8")),
+                                          ("qwen2_moe", QuantSpec("int4", 32))])
+def test_a_quantized_model_equals_its_dequantized_reference(tiny, family, spec):
+    overrides = dict(hidden_size=64, moe_intermediate_size=32) if family != "gpt_oss" else {}
+    if family == "qwen2_moe":
+        overrides["shared_expert_intermediate_size"] = 32  # shared experts stay float
+    path = tiny(family, **overrides)
+    ref = _dequantized_reference(path, spec)
+    model = load(path, dtype="float32", expert_dtype=spec.dtype, group_size=spec.group_size)
+    assert model.moedeploy.stats()["backend"] == ["quantized"]
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        _close(model(ids).logits, ref(ids).logits, torch.float32)
+        assert torch.equal(model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False),
+                           ref.generate(ids[:1, :4], max_new_tokens=6, do_sample=False))
+
+
+def test_the_expert_bytes_are_the_small_ones(tiny):
+    path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
+    full = load(path, dtype="float32")
+    layer = next(iter(full.moedeploy.layers.values()))
+    for dtype, at_most in (("int8", 0.28), ("int4", 0.17)):  # a quarter or an eighth, plus the scales
+        small = next(iter(load(path, dtype="float32", expert_dtype=dtype).moedeploy.layers.values()))
+        assert small.experts.expert_bytes() <= at_most * layer.experts.expert_bytes()
+        assert small.experts.parameter_count() == layer.experts.parameter_count()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(expert_dtype="int8", group_size=24), "group size 24 does not divide the expert's input dimension"),
+    (dict(expert_dtype="int4", group_size=48), "int4 groups are 32, 64, 128, 256 inputs"),
+    (dict(expert_dtype="fp3"), "unknown expert dtype 'fp3'"),
+    (dict(group_size=32), "group_size applies to quantized experts"),
+    (dict(expert_dtype="int8", expert_memory=0.5), "under an expert_memory budget"),
+    (dict(expert_dtype="int8", backend="loop"), "quantized experts run on their own kernels"),
+])
+def test_bad_quantization_options_are_refused(tiny, options, message):
+    with pytest.raises(OptionError, match=message):
+        load(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32), **options)
+
+
+def test_eval_ppl_reports_the_quantized_perplexity(tiny, capsys, tmp_path):
+    import json
+
+    from moedeploy.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    path = str(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
+    got = {}
+    for dtype in (None, "int8"):
+        assert main(["eval-ppl", "--model", path, "--text", str(text), "--context", "32", "--json"]
+                    + (["--expert-dtype", dtype] if dtype else [])) == 0
+        got[dtype] = json.loads(capsys.readouterr().out)["perplexity"]
+    assert got["int8"] == pytest.approx(got[None], rel=0.05) and got["int8"] != got[None]
+
+
