@@ -122,8 +122,11 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
 
 
 def close() -> None:
-    """Leave the group (at the end of a command)."""
+    """Leave the group (at the end of a command), once every rank is done with it: a rank that tears
+    down its connections while a peer still uses them can abort in gloo's threads (seen with torch 2.14)."""
     global _GROUP
     if dist.is_available() and dist.is_initialized():
+        if _GROUP is not None:
+            _GROUP._run("the final barrier", dist.barrier)
         dist.destroy_process_group()
     _GROUP = None
