@@ -1,11 +1,13 @@
 """One rank of the expert-parallel tests, launched by tests/test_parallel.py under torchrun.
 
     torchrun --nproc-per-node N tests/ep_worker.py --model DIR --out FILE [--placement NAME=FILE ...]
-        [--budget 0.5] [--spin SECONDS --ready DIR [--stall]]
+        [--budget 0.5] [--rebalance] [--spin SECONDS --ready DIR [--stall]]
 
-For each placement (and contiguous) and each exchange (all_gather, all_to_all), loads the model in float32, computes the logits of fixed input ids and a
-greedy continuation; rank 0 saves them with torch.save. --spin runs forward passes until killed (the
-failure tests), after writing this rank's pid into --ready; with --stall the last rank stops answering.
+For each placement (and contiguous) and each exchange (all_gather, all_to_all), loads the model in float32,
+computes the logits of fixed input ids, a greedy continuation and the serving engine's batched answers (also
+with an expert cache per rank, and with --rebalance while moving experts online); rank 0 saves them with
+torch.save. --spin runs forward passes until killed (the failure tests), after writing this rank's pid into
+--ready; with --stall the last rank stops answering.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -36,6 +39,7 @@ def main() -> int:
     p.add_argument("--stall", action="store_true", help="with --spin: the last rank stops answering once ready")
     p.add_argument("--timeout", type=float, default=60)
     args = p.parse_args()
+    warnings.filterwarnings("ignore", message="moedeploy: the expert budget")  # budget 0.5 streams: expected
     group = parallel.init(torch.device("cpu"), timeout_s=args.timeout)
     try:
         if args.spin:

@@ -45,6 +45,13 @@ def torchrun(n: int, *args: str, timeout: float = RUN_LIMIT_S) -> subprocess.Com
                           timeout=timeout, env=_env(), cwd=ROOT)
 
 
+def said(run: subprocess.CompletedProcess) -> str:
+    """What a failed launch said: its error lines first (rank tracebacks, aborts), then the end of stderr."""
+    lines = run.stderr.splitlines()
+    errors = [line for line in lines if any(w in line for w in ("Error", "error:", "terminate", "exitcode"))]
+    return "\n".join(errors[-20:]) + "\n---\n" + "\n".join(lines[-30:])
+
+
 # --- placements for the tests -------------------------------------------------------------------------
 
 def shuffled(shape: ModelShape, devices: int, seed: int = 0) -> Placement:
@@ -100,7 +107,7 @@ def test_exchange_sends_every_pair_once_to_a_slot_of_its_expert(data):
             assert mine == sorted(mine)
         received += rows
     assert sorted(received) == [i for i, e in enumerate(ids.reshape(-1)) if e < E]  # dropped pairs go nowhere
-    for r, p in enumerate(plans):
+    for p in plans:
         assert all(p.lo * K <= pair < p.hi * K for pair in p.send_pairs)  # a rank sends its own tokens only
 
 
@@ -147,7 +154,7 @@ def test_ranks_match_one_process_for_every_placement(which, world, deepseek, tmp
         args += ["--budget", "0.5"]  # an expert cache on each rank
     args += ["--rebalance"]  # the last placement, moved online while it runs
     run = torchrun(world, *args)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, said(run)
     results = torch.load(tmp_path / "out.pt")
     assert set(results) >= {f"{name}/{x}" for name in ("contiguous", "shuffled", "replicated")
                             for x in ("all_gather", "all_to_all")}
@@ -171,7 +178,7 @@ def test_eval_ppl_under_torchrun_prints_one_json_and_matches(tmp_path):
     text.write_text("Shall I compare thee to a summer's day? Thou art more lovely and more temperate. " * 3)
     common = ["eval-ppl", "--text", str(text), "--context", "32", "--dtype", "float32", "--json"]
     run = torchrun(2, "-m", "moedeploy", *common)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.returncode == 0, said(run)
     lines = run.stdout.strip().splitlines()
     assert len(lines) == 1  # rank 0 alone prints
     got = json.loads(lines[0])

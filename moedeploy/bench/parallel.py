@@ -54,10 +54,12 @@ def _one(args, ranks: int, name: str, file: str | None, exchange: str | None = N
            "prefill_tok_s": round(ppl["tokens"] / ppl["seconds"], 1),
            "decode_tok_s": gen["stats"]["decode_tokens_per_s"],
            "comm_share": round(par["comm_s"] / ppl["seconds"], 3) if par else 0.0,
-           "decode_comm_share": round(gen["stats"]["parallel"]["comm_s"] / gen["stats"]["total_s"], 3) if par else 0.0,
+           "decode_comm_share": round(gen["stats"]["parallel"]["comm_s"] / gen["stats"]["total_s"], 3)
+           if par else 0.0,
            "sent_share": par.get("sent_share", 0.0), "max_mean_load": par.get("max_mean_load"),
            "expert_bytes_rank0": par.get("expert_bytes_this_rank")}
-    print(f"  {name:>12} x{ranks} {row['exchange']:>10}: prefill {row['prefill_tok_s']:8.1f} tok/s, decode {row['decode_tok_s']} tok/s, "
+    print(f"  {name:>12} x{ranks} {row['exchange']:>10}: prefill {row['prefill_tok_s']:8.1f} tok/s, "
+          f"decode {row['decode_tok_s']} tok/s, "
           f"collectives {row['comm_share']:.0%} / {row['decode_comm_share']:.0%}, rows sent {row['sent_share']:.0%}, "
           f"max/mean {row['max_mean_load']}", file=sys.stderr)
     return row
@@ -87,10 +89,12 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{'placement':>12} {'ranks':>5} {'exchange':>10} {'prefill tok/s':>13} {'vs one':>7} {'decode tok/s':>12} {'vs one':>7} "
+        print(f"{'placement':>12} {'ranks':>5} {'exchange':>10} {'prefill tok/s':>13} {'vs one':>7} "
+              f"{'decode tok/s':>12} {'vs one':>7} "
               f"{'collectives':>11} {'rows sent':>9} {'max/mean':>8}")
         for row in [first, *rows, last]:
-            print(f"{row['placement']:>12} {row['ranks']:>5} {row['exchange']:>10} {row['prefill_tok_s']:>13} {row.get('prefill_vs_one', 1.0):>7} "
+            print(f"{row['placement']:>12} {row['ranks']:>5} {row['exchange']:>10} {row['prefill_tok_s']:>13} "
+                  f"{row.get('prefill_vs_one', 1.0):>7} "
                   f"{row['decode_tok_s']:>12} {row.get('decode_vs_one', 1.0):>7} {row['comm_share']:>11.1%} "
                   f"{row['sent_share']:>9.1%} {row['max_mean_load'] or '-':>8}")
     return 0

@@ -115,8 +115,9 @@ def init(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> Group:
             kwargs = {"device_id": device} if device.type == "cuda" else {}
             dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
     except (RuntimeError, ValueError, dist.DistBackendError) as ex:
-        raise DistributedError(f"could not join the torchrun group with {backend} ({_first_line(ex)}); launch with "
-                               "`torchrun --nproc-per-node N -m moedeploy ...` and check the rendezvous address") from ex
+        raise DistributedError(f"could not join the torchrun group with {backend} ({_first_line(ex)}); launch "
+                               "with `torchrun --nproc-per-node N -m moedeploy ...` and check the rendezvous "
+                               "address") from ex
     _GROUP = Group(rank=dist.get_rank(), world=dist.get_world_size(), timeout_s=timeout_s, device=device)
     return _GROUP
 

@@ -70,8 +70,8 @@ def follow(model, group: Group) -> int:
     steps = step_group()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # rank 0 drains first, then stops us
     ran = 0
+    message = [None]
     while True:
-        message = [None]
         group._run("waiting for rank 0's next step", lambda: dist.broadcast_object_list(message, src=0, group=steps))
         pending, step = message[0]
         for op in pending:

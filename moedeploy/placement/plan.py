@@ -124,7 +124,9 @@ def read_placement(path: str | Path) -> Placement:
         return Placement(model=model, devices=int(d["devices"]), slots=slots, share=share,
                          algorithm=str(d.get("algorithm", "")), notes=dict(d.get("notes", {})))
     except PlacementError as ex:
-        raise PlacementError(f"{path}: {ex}") if str(path) not in str(ex) else ex
+        if str(path) in str(ex):
+            raise
+        raise PlacementError(f"{path}: {ex}") from None
     except (OSError, ValueError, KeyError, TypeError) as ex:
         raise PlacementError(f"{path} is not a readable placement file ({ex!r}); write it again with "
                              "`moedeploy place ... --out`") from ex
