@@ -171,6 +171,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
     expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
     load and run on torch's packed CPU kernels; dense weights, routers and shared experts keep `dtype`.
+    Under an expert_memory budget (host store) the slots hold the quantized form.
     group_size: inputs per scale (int8: default the whole row; int4: 32, 64 (default), 128 or 256).
     exchange: in an expert-parallel run, how pairs reach their experts: "all_gather" (default: one
     collective per layer, each rank computing its slots' pairs over every token) or "all_to_all" (the
@@ -190,7 +191,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
-    quant = _quant(expert_dtype, group_size, opts, expert_memory, placement)
+    quant = _quant(expert_dtype, group_size, opts, expert_store, placement)
     opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None, quant=quant,
                    sharding=_sharding(placement, gating, prefetch, pin, exchange))
     path = DEMO_MODEL if path is None else Path(path)
@@ -229,7 +230,7 @@ def _rebalancer(model: nn.Module, rebalance, expert_memory) -> Rebalancer:
     return rebalancer
 
 
-def _quant(expert_dtype, group_size, opts: LoadOptions, expert_memory, placement) -> QuantSpec | None:
+def _quant(expert_dtype, group_size, opts: LoadOptions, expert_store, placement) -> QuantSpec | None:
     """The quantization asked for, or None; refused where this version has no path for it."""
     if expert_dtype is None:
         if group_size is not None:
@@ -239,7 +240,7 @@ def _quant(expert_dtype, group_size, opts: LoadOptions, expert_memory, placement
     for asked, why in ((opts.device.type != "cpu", f"on {opts.device.type} (torch's packed int8/int4 kernels used "
                         "here are CPU kernels)"),
                        (opts.gating.mode != "dynamic", "with static gating"),
-                       (expert_memory is not None, "under an expert_memory budget yet"),
+                       (expert_store == "disk", "from the disk store yet (use expert_store='host')"),
                        (current_group() is not None or placement is not None, "with expert parallelism yet")):
         if asked:
             raise OptionError(f"quantized experts (expert_dtype={expert_dtype!r}) do not run {why}; "

@@ -81,6 +81,9 @@ class MoELayer(nn.Module):
         self.pool_index = 0
         # Where this layer's experts wait for the pool (store.HostStore or store.DiskStore); set by the loader.
         self.store = None
+        # Every expert of the layer as the checkpoint has them (store.DiskStore; set by the loader): read when
+        # the bank is not the full float one (quantized, on disk, a rank's share) to verify or to rebalance.
+        self.source = None
         # Prefetcher for the next MoE layer (predict/lookahead.py): its guess comes to the host with this
         # layer's counts; its prefetch is sent once this layer's experts are queued.
         self.lookahead = None

@@ -86,13 +86,14 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     E = block.experts.num_experts
     D, _ = family.dims(block)
     router = _read_router(ckpt, family, config, block, prefix, E, D, dtype)
-    disk = _expert_store(ckpt, family, config, block, prefix, E)
+    disk = source = _expert_store(ckpt, family, config, block, prefix, E)
     parallel = None
     if opts.sharding is not None:
-        parallel = opts.sharding.layer(index, source=disk)
+        parallel = opts.sharding.layer(index)
         disk = disk.subset(opts.sharding.local(index))
     if opts.quant is not None:  # quantized one expert at a time as they stream from the checkpoint
-        experts, store = QuantizedBank.from_store(disk, opts.quant, dtype), disk
+        experts = QuantizedBank.from_store(disk, opts.quant, dtype)
+        store = HostStore(experts) if opts.buffered else disk
     elif opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
         experts, store = disk.bank(dtype, device="meta"), disk
     else:
@@ -103,6 +104,7 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate, parallel=parallel)
     layer.store = store
+    layer.source = source
     family.configure(layer, config)
     return layer
 

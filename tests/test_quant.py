@@ -111,7 +111,7 @@ def test_the_expert_bytes_are_the_small_ones(tiny):
     (dict(expert_dtype="int4", group_size=48), "int4 groups are 32, 64, 128, 256 inputs"),
     (dict(expert_dtype="fp3"), "unknown expert dtype 'fp3'"),
     (dict(group_size=32), "group_size applies to quantized experts"),
-    (dict(expert_dtype="int8", expert_memory=0.5), "under an expert_memory budget"),
+    (dict(expert_dtype="int8", expert_memory=0.5, expert_store="disk"), "from the disk store yet"),
     (dict(expert_dtype="int8", backend="loop"), "quantized experts run on their own kernels"),
 ])
 def test_bad_quantization_options_are_refused(tiny, options, message):
@@ -135,3 +135,32 @@ def test_eval_ppl_reports_the_quantized_perplexity(tiny, capsys, tmp_path):
     assert got["int8"] == pytest.approx(got[None], rel=0.05) and got["int8"] != got[None]
 
 
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
+    """The buffering guarantee carries over: slots hold the quantized form, logits stay bit-identical."""
+    path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = load(path, dtype="float32", expert_dtype=dtype)(ids).logits
+        for budget, policy, scope in ((0.25, "lru", "layer"), (0.5, "lifo", "layer"), (0.3, "lfu", "global")):
+            model = load(path, dtype="float32", expert_dtype=dtype, expert_memory=budget, policy=policy,
+                         cache_scope=scope)
+            assert torch.equal(model(ids).logits, want), (budget, policy, scope)
+            stats = model.moedeploy.cache_stats()
+            small = next(iter(model.moedeploy.layers.values())).experts.expert_bytes()
+            assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
+
+
+def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):
+    """The generic adapter's check compares transformers' block with moedeploy's on the float experts (read
+    again from the checkpoint), then the layer runs quantized."""
+    from moedeploy.models import family_for
+    from moedeploy.loader import read_config
+    from moedeploy.store import Checkpoint
+
+    path = tiny("flex_olmo")
+    assert not family_for(read_config(Checkpoint(path))).model_types  # no adapter: the generic one, verified
+    model = load(path, dtype="float32", expert_dtype="int8")
+    assert model.moedeploy.stats()["backend"] == ["quantized"]

@@ -26,7 +26,7 @@ def attach_cache(named: dict[str, MoELayer], config: CacheConfig, device) -> lis
                           f"device's {device_bytes(device):,} bytes")
     slots = config.budget_bytes // per_expert
     if config.scope == "global":
-        if len(sizes) > 1 or len({tuple(layer.experts.w_in.shape[1:]) for layer in layers}) > 1:
+        if len(sizes) > 1 or len({tuple(t.shape[1:] for t in layer.experts.tensors()) for layer in layers}) > 1:
             raise OptionError("cache scope 'global' needs every MoE layer's experts to have the same shapes; "
                               "use cache_scope='layer'")
         groups = [layers]

@@ -51,6 +51,9 @@ class CacheStats:
 
 
 def _slot_bank(like: ExpertBank, num_slots: int, device) -> ExpertBank:
+    if getattr(like, "quantized", False):  # slots hold the small form: a miss copies the quantized bytes
+        return like.empty(num_slots, device)
+
     def empty(t):
         return None if t is None else torch.empty((num_slots, *t.shape[1:]), dtype=t.dtype, device=device)
 

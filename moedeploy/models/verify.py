@@ -32,9 +32,9 @@ def _our_tensors(block: nn.Module, layer: MoELayer, experts) -> dict[str, torch.
 
 def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str) -> None:
     hf = copy.deepcopy(block).to_empty(device="cpu").float().eval()
-    # the disk tier, or quantized experts: compare the float experts, read again for the check
-    on_disk = getattr(layer.experts, "quantized", False) or layer.experts.w_in.is_meta
-    experts = layer.store.bank(torch.float32) if on_disk else layer.experts
+    # the disk tier, quantized experts or a rank's share: compare every float expert, read again for the check
+    on_disk = getattr(layer.experts, "quantized", False) or layer.parallel is not None or layer.experts.w_in.is_meta
+    experts = layer.source.bank(torch.float32) if on_disk else layer.experts
     state = _our_tensors(block, layer, experts)
     needed = [n for n, _ in hf.named_parameters()] + [
         n for n, b in hf.named_buffers() if n.rpartition(".")[2] not in getattr(
@@ -46,11 +46,14 @@ def verify_block(block: nn.Module, layer: MoELayer, family_name: str, path: str)
             f"does not know how to use ({', '.join(unknown)}); this family needs an adapter in moedeploy/models/"
         )
     hf.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    ours = copy.deepcopy(layer, memo={id(layer.store): layer.store})  # a store holds open files: shared
+    memo = {id(layer.store): layer.store, id(layer.source): layer.source, id(layer.parallel): None,
+            id(layer.pool): None}  # stores hold open files: shared; the copy runs alone, resident
+    ours = copy.deepcopy(layer, memo=memo)
     ours.experts.on_host = False  # a buffered layer's bank stays put when moved; this copy must convert
     ours = ours.float()
     if on_disk:
         ours.experts = experts  # already float32; never the loaded layer's own bank, which must keep its dtype
+        ours.backend = "loop"  # the reference kernel, whatever the loaded bank's was
     x = torch.randn(2, 9, layer.experts.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = hf(x)

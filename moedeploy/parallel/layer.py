@@ -38,12 +38,11 @@ EXCHANGES = ("all_gather", "all_to_all")
 
 
 class ExpertParallel:
-    def __init__(self, group: Group, slots: np.ndarray, num_experts: int, source=None, exchange: str = "all_gather"):
+    def __init__(self, group: Group, slots: np.ndarray, num_experts: int, exchange: str = "all_gather"):
         self.group = group
         self.exchange = exchange
         self.slots = slots  # [S] this layer's physical -> logical map
         self.num_experts = num_experts
-        self.source = source  # store.DiskStore of every expert of the layer: where rebalancing reads new ones
         self.slot_tokens = np.zeros(slots.shape[0], dtype=np.int64)  # pairs per slot, summed over steps
 
     def __call__(self, x: Tensor, routing: Routing, local: Local) -> Tensor:

@@ -86,7 +86,7 @@ class Rebalancer:
             if e in held:  # already on this rank
                 parts.append([getattr(bank, name)[held[e]] for name in names])
             else:  # read from the checkpoint, converted as loading does
-                parts.append([t.to(bank.w_in.dtype) for t in layer.parallel.source.read(e)])
+                parts.append([t.to(bank.w_in.dtype) for t in layer.source.read(e)])
                 self.bytes_read += bank.expert_bytes()
         stacked = {name: torch.stack([p[i] for p in parts]).to(bank.w_in.device) for i, name in enumerate(names)}
         layer.experts = ExpertBank(activation=bank.activation, **stacked)

@@ -39,8 +39,7 @@ class Sharding:
         """[P] the experts in this rank's slots of MoE layer `layer`."""
         return self.placement.local(layer, self.group.rank)
 
-    def layer(self, layer: int, source=None) -> ExpertParallel:
-        """MoE layer `layer`'s expert-parallel path; `source`: the layer's full expert store."""
-        return ExpertParallel(self.group, self.placement.slots[layer], self.placement.model.num_experts, source,
-                              self.exchange)
+    def layer(self, layer: int) -> ExpertParallel:
+        """MoE layer `layer`'s expert-parallel path."""
+        return ExpertParallel(self.group, self.placement.slots[layer], self.placement.model.num_experts, self.exchange)
 

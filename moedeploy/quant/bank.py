@@ -7,6 +7,8 @@ time as they stream from the checkpoint (the float layer never exists whole).
 
 Scales (and int4 zeros) are kept in the model's dtype, as the kernels take them. `linear_in(e, x)` and
 `linear_out(e, a)` are expert e's two projections; kernels/quantized.py loops over the experts with them.
+Under an expert budget the host store reads experts from this bank (`tensors()` order) and the slot pool's
+slots are an `empty` bank of the same format, so a miss copies the quantized bytes.
 
 Legend: E experts, D hidden size, I expert intermediate size, N = 2I (gated) or I, G groups per row.
 """
@@ -49,6 +51,15 @@ class QuantizedBank(nn.Module):
             for name, b in zip(("b_in", "b_out"), biases):  # DiskStore.read gives both biases or neither
                 parts.setdefault(name, []).append(b.to(dtype))
         return cls(spec, store.activation, D, I, {name: torch.stack(ts) for name, ts in parts.items()})
+
+    def empty(self, num_experts: int, device) -> "QuantizedBank":
+        """A bank of the same format with room for `num_experts` experts (a slot pool's slots)."""
+        buffers = {name: torch.empty((num_experts, *t.shape[1:]), dtype=t.dtype, device=device)
+                   for name, t in self._buffers.items() if t is not None}
+        return QuantizedBank(self.spec, self.activation, self.hidden_size, self.intermediate_size, buffers)
+
+    def keep_on_host(self, pin: bool) -> None:
+        """The host store of an expert budget (CPU only for quantized experts: nothing to pin)."""
 
     @property
     def num_experts(self) -> int:
