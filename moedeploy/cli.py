@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
     from .bench import parallel as bench_parallel
+    from .bench import quant as bench_quant
     from .bench import serve as bench_serve
     from .placement.cli import add_commands as add_place_commands
     from .predict.cli import add_commands as add_predict_commands
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs = bsub.add_parser("serve", help="the server under concurrent load vs transformers (serve) and llama-server")
     bench_serve.add_arguments(bs)
     bs.set_defaults(func=bench_serve.run)
+    bq = bsub.add_parser("quant", help="quantized experts: held-out perplexity, bytes, decode speed, greedy agreement")
+    bench_quant.add_arguments(bq)
+    bq.set_defaults(func=bench_quant.run)
     bp = bsub.add_parser("parallel", help="expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun, gloo)")
     bench_parallel.add_arguments(bp)
     bp.set_defaults(func=bench_parallel.run)

@@ -164,3 +164,20 @@ def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):
     assert not family_for(read_config(Checkpoint(path))).model_types  # no adapter: the generic one, verified
     model = load(path, dtype="float32", expert_dtype="int8")
     assert model.moedeploy.stats()["backend"] == ["quantized"]
+
+
+def test_bench_quant_reports_one_json_object(tiny, capsys, tmp_path):
+    import json
+
+    from moedeploy.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 10)
+    path = str(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
+    assert main(["bench", "quant", "--model", path, "--text", str(text), "--rounds", "1", "--new-tokens", "4",
+                 "--threads", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {r["expert_dtype"]: r for r in out["rows"]}
+    assert set(rows) == {"float32", "int8", "int4"}
+    assert rows["int4"]["expert_bytes"] < rows["int8"]["expert_bytes"] < rows["float32"]["expert_bytes"]
+    assert rows["float32"]["agreement_tokens"] == [4, 4, 4] and rows["float32"]["perplexity_change"]["t"] == 0
