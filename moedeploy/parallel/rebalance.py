@@ -56,9 +56,10 @@ class Rebalancer:
         self._remember(tokens, counts)
         if self.since >= self.config.every:
             self._replan()
-        for layer in self.queue[:max(1, tokens // self.config.move_tokens)]:
+        moves = max(1, tokens // self.config.move_tokens)  # layers switched before this step
+        for layer in self.queue[:moves]:
             self._switch(layer)
-        self.queue = self.queue[max(1, tokens // self.config.move_tokens):]
+        self.queue = self.queue[moves:]
 
     def _remember(self, tokens: int, counts: np.ndarray) -> None:
         self.history.append((tokens, counts))
