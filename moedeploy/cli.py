@@ -184,24 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
-    bl = bsub.add_parser("layer", help="one MoE layer: dynamic vs static gating vs transformers' experts")
-    bench_layer.add_arguments(bl)
-    bl.set_defaults(func=bench_layer.run)
-    bc = bsub.add_parser("cache", help="decoding under expert-memory budgets vs every expert resident")
-    bench_cache.add_arguments(bc)
-    bc.set_defaults(func=bench_cache.run)
-    bo = bsub.add_parser("offload", help="decoding and peak memory under budgets vs resident vs transformers+accelerate")
-    bench_offload.add_arguments(bo)
-    bo.set_defaults(func=bench_offload.run)
-    bs = bsub.add_parser("serve", help="the server under concurrent load vs transformers (serve) and llama-server")
-    bench_serve.add_arguments(bs)
-    bs.set_defaults(func=bench_serve.run)
-    bq = bsub.add_parser("quant", help="quantized experts: held-out perplexity, bytes, decode speed, greedy agreement")
-    bench_quant.add_arguments(bq)
-    bq.set_defaults(func=bench_quant.run)
-    bp = bsub.add_parser("parallel", help="expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun, gloo)")
-    bench_parallel.add_arguments(bp)
-    bp.set_defaults(func=bench_parallel.run)
+    for name, module, summary in (
+            ("layer", bench_layer, "one MoE layer: dynamic vs static gating vs transformers' experts"),
+            ("cache", bench_cache, "decoding under expert-memory budgets vs every expert resident"),
+            ("offload", bench_offload, "decoding and peak memory under budgets vs resident vs transformers+accelerate"),
+            ("serve", bench_serve, "the server under concurrent load vs transformers (serve) and llama-server"),
+            ("quant", bench_quant, "quantized experts: held-out perplexity, bytes, decode speed, greedy agreement"),
+            ("parallel", bench_parallel, "expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun)")):
+        bp = bsub.add_parser(name, help=summary)
+        module.add_arguments(bp)
+        bp.set_defaults(func=module.run)
 
     e = sub.add_parser("eval-ppl", help="perplexity and bits per byte of a model on a text file")
     e.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
