@@ -13,12 +13,12 @@ from .layer import MoELayer
 from .loader import build_model
 from .options import LoadOptions
 from .parallel import Sharding
-from .parallel.rebalance import Rebalancer
-from .quant import QuantSpec
-from .placement.online import OnlineConfig
 from .parallel import current as current_group
+from .parallel.rebalance import Rebalancer
 from .placement import read_placement
+from .placement.online import OnlineConfig
 from .predict.lookahead import PREFETCHERS, attach_lookahead
+from .quant import QuantSpec
 from .store import STORES, Checkpoint
 
 
@@ -191,6 +191,10 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
                              capacity_fraction=capacity_fraction, backend=backend)
+    if rebalance and (current_group() is None or expert_memory is not None):
+        raise OptionError("rebalance applies to an expert-parallel run without an expert_memory budget (the cache's "
+                          "slots would have to follow the moves): launch with `torchrun --nproc-per-node N -m "
+                          "moedeploy ... --rebalance` and leave out the budget")
     quant = _quant(expert_dtype, group_size, opts, expert_store, placement)
     opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None, quant=quant,
                    sharding=_sharding(placement, gating, prefetch, pin, exchange))
@@ -210,24 +214,11 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         opts = replace(opts, cache=cache)
     model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools,
                               group=None if opts.sharding is None else opts.sharding.group)
-    if rebalance:
-        model.moedeploy.rebalancer = _rebalancer(model, rebalance, expert_memory)
+    if rebalance:  # online rebalancing, hooked before every model step
+        config = rebalance if isinstance(rebalance, OnlineConfig) else OnlineConfig()
+        model.moedeploy.rebalancer = Rebalancer(list(layers.values()), opts.sharding, config)
+        model.register_forward_pre_hook(model.moedeploy.rebalancer)
     return model
-
-
-def _rebalancer(model: nn.Module, rebalance, expert_memory) -> Rebalancer:
-    """Online rebalancing hooked before every model step."""
-    opts = model.moedeploy.options
-    if opts.sharding is None:
-        raise OptionError("rebalance applies to an expert-parallel run: launch with `torchrun --nproc-per-node N "
-                          "-m moedeploy ... --rebalance`")
-    if expert_memory is not None:
-        raise OptionError("rebalance with an expert_memory budget is not supported (the cache's slots would have "
-                          "to follow the moves); use one or the other")
-    config = rebalance if isinstance(rebalance, OnlineConfig) else OnlineConfig()
-    rebalancer = Rebalancer(list(model.moedeploy.layers.values()), opts.sharding, config)
-    model.register_forward_pre_hook(rebalancer)
-    return rebalancer
 
 
 def _quant(expert_dtype, group_size, opts: LoadOptions, expert_store, placement) -> QuantSpec | None:
@@ -253,8 +244,9 @@ def _sharding(placement, gating: str, prefetch, pin, exchange) -> Sharding | Non
     group = current_group()
     if group is None:
         if placement is not None or exchange is not None:
-            raise OptionError("placement= and exchange= apply to an expert-parallel run: launch with `torchrun --nproc-per-node N "
-                              "-m moedeploy ... --placement FILE` (or call moedeploy.parallel.init() in each process)")
+            raise OptionError("placement= and exchange= apply to an expert-parallel run: launch with `torchrun "
+                              "--nproc-per-node N -m moedeploy ... --placement FILE` (or call "
+                              "moedeploy.parallel.init() in each process)")
         return None
     for name, value, why in (("gating", gating != "dynamic", "every rank would need every expert"),
                              ("prefetch", prefetch is not None, "the predictors name experts, not ranks' slots"),

@@ -71,12 +71,6 @@ class Placement:
         P = self.slots_per_device
         return self.slots[layer, device * P:(device + 1) * P]
 
-    def replicas(self, layer: int) -> list[np.ndarray]:
-        """Per expert e, the slots holding it: [E] arrays of slot indices, ascending."""
-        order = np.argsort(self.slots[layer], kind="stable")
-        bounds = np.searchsorted(self.slots[layer][order], np.arange(self.model.num_experts + 1))
-        return [order[bounds[e]:bounds[e + 1]] for e in range(self.model.num_experts)]
-
     def check_model(self, model: ModelShape, what: str = "this model") -> None:
         diff = self.model.differs(model)
         if diff:
