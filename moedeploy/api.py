@@ -42,6 +42,8 @@ class Runtime:
             "moe_layers": len(self.layers),
             "gating": self.options.gating.mode,
             "backend": sorted({layer.backend for layer in self.layers.values()}),
+            # pre-quantized experts (MXFP4, FP8): how their matmuls run; empty otherwise
+            "expert_kernel": sorted({getattr(layer.experts, "kernel", None) for layer in self.layers.values()} - {None}),
             "routed_pairs": routed,
             "dropped_pairs": dropped,
             "dropped_fraction": dropped / routed if routed else 0.0,
@@ -172,6 +174,11 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
     load and run on torch's packed CPU kernels; dense weights, routers and shared experts keep `dtype`.
     Under an expert_memory budget (host store) the slots hold the quantized form.
+    A pre-quantized checkpoint (config.json's quantization_config: GPT-OSS's "mxfp4" experts, DeepSeek-V3's
+    block-scaled "fp8") is detected: its routed experts stay in that form (bank and budget slots; each expert
+    dequantized per call, then a matmul in `dtype`: `model.moedeploy.stats()["expert_kernel"]`), its other
+    quantized weights are dequantized to `dtype` at load. There, expert_dtype requantizes the dequantized
+    experts; the disk store and expert parallelism run them dequantized to `dtype` (quant/ondisk.py).
     group_size: inputs per scale (int8: default the whole row; int4: 32, 64 (default), 128 or 256).
     exchange: in an expert-parallel run, how pairs reach their experts: "all_gather" (default: one
     collective per layer, each rank computing its slots' pairs over every token) or "all_to_all" (the

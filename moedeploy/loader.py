@@ -14,6 +14,7 @@ No full copy of the model's expert weights is ever made outside the expert banks
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import torch
@@ -29,8 +30,12 @@ from .models.verify import verify_block
 from .options import LoadOptions
 from .placement import ModelShape
 from .quant import QuantizedBank
+from .quant.ondisk import Dequantizing, format_of
+from .quant.prequantized import PrequantizedBank
 from .routing import Router
 from .store import Checkpoint, DiskStore, HostStore
+
+log = logging.getLogger(__name__)
 
 
 def read_config(ckpt: Checkpoint):
@@ -91,9 +96,15 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     if opts.sharding is not None:
         parallel = opts.sharding.layer(index)
         disk = disk.subset(opts.sharding.local(index))
-    if opts.quant is not None:  # quantized one expert at a time as they stream from the checkpoint
+    prequantized = getattr(ckpt, "fmt", None) is not None  # MXFP4 / FP8 on disk (quant/ondisk.py)
+    if opts.quant is not None:  # quantized one expert at a time as they stream (pre-quantized: from the dequantized)
         experts = QuantizedBank.from_store(disk, opts.quant, dtype)
         store = HostStore(experts) if opts.buffered else disk
+    elif prequantized and parallel is None and opts.expert_store != "disk":  # kept in the checkpoint's own format
+        experts = PrequantizedBank.from_store(disk, dtype)
+        store = HostStore(experts)
+        if opts.buffered:
+            experts.keep_on_host(pin=opts.device.type == "cuda")
     elif opts.expert_store == "disk":  # experts stay in the checkpoint; the layer knows their shapes only
         experts, store = disk.bank(dtype, device="meta"), disk
     else:
@@ -168,6 +179,9 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     """The checkpoint as a transformers model with moedeploy's MoE layers, the family adapter used, and
     the options as applied (an expert-parallel run's placement resolved for this model)."""
     config = read_config(ckpt)
+    fmt = format_of(config)
+    if fmt is not None:  # pre-quantized: everything reads dequantized, except the routed experts' bank (build_layer)
+        ckpt = Dequantizing(ckpt, fmt)
     family = family_for(config)
     dtype = _resolve_dtype(config, opts.dtype)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
@@ -200,6 +214,11 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if not family.model_types:  # no adapter: the generic guess must reproduce transformers' block
         path, block = blocks[0]
         verify_block(block, model.get_submodule(path), config.model_type, path)
+    if fmt is not None:
+        kept = sorted({getattr(m.experts, "kernel", "dequantized to float as read") for _, m in model.named_modules()
+                       if isinstance(m, MoELayer)})
+        log.info("%s: %s checkpoint; routed experts: %s; its other quantized weights dequantized to %s at load",
+                 ckpt.root, fmt.name, ", ".join(kept), dtype)
     if (ckpt.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
     return model.to(opts.device).eval(), family, opts

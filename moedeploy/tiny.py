@@ -2,11 +2,14 @@
 
 Real transformers model classes with small configs, saved with `save_pretrained` (so the expert
 tensors have each family's real on-disk names), plus a byte-level BPE tokenizer trained on a few
-sentences. Nothing is downloaded.
+sentences. Nothing is downloaded. `save_tiny_prequantized` stores one pre-quantized (GPT-OSS MXFP4 experts,
+DeepSeek-V3-style FP8 Linear weights) with a dequantized float twin for reference.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,3 +103,76 @@ def save_tiny(family: str, out_dir: str | Path, seed: int = 0, fused: bool = Fal
     model.save_pretrained(out, save_original_format=not fused)
     tiny_tokenizer().save_pretrained(out)
     return out
+
+
+QUANT_METHODS = {"gpt_oss": "mxfp4"}  # every other family ships FP8 (DeepSeek-V3's format)
+
+
+def save_tiny_prequantized(family: str, out_dir: str | Path, reference_dir: str | Path | None = None, seed: int = 0,
+                           block: tuple[int, int] = (128, 128), **overrides) -> Path:
+    """A tiny `family` checkpoint stored pre-quantized, in the on-disk layout transformers reads, with its
+    `quantization_config` in config.json: GPT-OSS's routed experts as MXFP4 (`experts.gate_up_proj_blocks`
+    [E, 2I, D/32, 16] + `_scales`, `down_proj_*` likewise; hidden and intermediate sizes multiples of 32), any
+    other family's Linear weights (attention, dense and shared MLPs, routed experts; not the router, the
+    embeddings or lm_head) as FP8 e4m3 with `weight_scale_inv` per `block`. `reference_dir`: the same model with
+    the dequantized float weights, as a plain checkpoint (what transformers loads as the reference)."""
+    from safetensors.torch import load_file, save_file
+
+    from .quant import fp8, mxfp4
+
+    out = save_tiny(family, out_dir, seed=seed, **overrides)
+    tensors = load_file(out / "model.safetensors")
+    method = QUANT_METHODS.get(family, "fp8")
+    if method == "mxfp4":
+        quantized, floats = _mxfp4_experts(tensors, mxfp4)
+        config = {"quant_method": "mxfp4", "modules_to_not_convert": [
+            "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    else:
+        quantized, floats = _fp8_linears(tensors, _linear_weights(out), block, fp8)
+        config = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block),
+                  "activation_scheme": "dynamic"}
+    if reference_dir is not None:
+        import shutil
+
+        shutil.copytree(out, reference_dir, dirs_exist_ok=True)
+        save_file(floats, Path(reference_dir) / "model.safetensors", metadata={"format": "pt"})
+    save_file(quantized, out / "model.safetensors", metadata={"format": "pt"})
+    config_path = out / "config.json"
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "quantization_config": config}, indent=2))
+    return out
+
+
+def _mxfp4_experts(tensors: dict, mxfp4) -> tuple[dict, dict]:
+    """Fused GPT-OSS experts [E, K, R] (transposed) -> blocks and scales of [E, R, K]; and their float values."""
+    quantized, floats = {}, dict(tensors)
+    for name, t in tensors.items():
+        if name.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+            blocks, scales = mxfp4.quantize(t.transpose(1, 2))  # [E, R, K / 32, 16], [E, R, K / 32]
+            quantized[f"{name}_blocks"], quantized[f"{name}_scales"] = blocks, scales
+            floats[name] = mxfp4.dequantize(blocks, scales, t.dtype).transpose(1, 2).contiguous()
+        else:
+            quantized[name] = t
+    return quantized, floats
+
+
+def _linear_weights(path: Path) -> set[str]:
+    """Names of the nn.Linear weights DeepSeek-V3's FP8 checkpoints quantize: every one but lm_head (the routed
+    experts, not nn.Linear in transformers 5, are matched by name in `_fp8_linears`)."""
+    config = T.AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = T.AutoModelForCausalLM.from_config(config)
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")}
+
+
+def _fp8_linears(tensors: dict, linears: set[str], block: tuple[int, int], fp8) -> tuple[dict, dict]:
+    quantized, floats = {}, dict(tensors)
+    for name, t in tensors.items():
+        if name in linears or re.search(r"\.experts\.\d+\.\w+\.weight$", name):
+            q, scale_inv = fp8.quantize(t, block)  # [N, K] float8, [ceil(N / bn), ceil(K / bk)]
+            quantized[name], quantized[f"{name}_scale_inv"] = q, scale_inv
+            floats[name] = fp8.dequantize(q, scale_inv, block, t.dtype)
+        else:
+            quantized[name] = t
+    return quantized, floats

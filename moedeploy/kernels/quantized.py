@@ -1,5 +1,6 @@
-"""Expert FFN over a quantized bank (quant/bank.py): per expert that got rows, its two packed-weight
-projections (torch's int8 / int4 CPU kernels) around the activation."""
+"""Expert FFN over a quantized bank: per expert that got rows, its two projections around the activation —
+torch's packed int8 / int4 CPU kernels (quant/bank.py), or for a pre-quantized MXFP4 / FP8 bank
+(quant/prequantized.py) the expert's weight dequantized, then a matmul (the bank's `kernel` says which)."""
 
 from __future__ import annotations
 
