@@ -15,6 +15,7 @@ No full copy of the model's expert weights is ever made outside the expert banks
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import replace
 
 import torch
@@ -61,17 +62,17 @@ def _read_router(ckpt: Checkpoint, family: Family, config, block: nn.Module, pre
     name = _first_present(ckpt, prefix, family.router_weight_names)
     if name is None:
         raise CheckpointError(f"{ckpt.root}: router weight of {prefix} is missing (looked for {family.router_weight_names})")
-    weight = ckpt.read(name, dtype)
+    weight = ckpt.read(name, dtype, copy=True)
     if tuple(weight.shape) != (E, D):
         raise CheckpointError(f"router tensor {name} has shape {tuple(weight.shape)}, expected {(E, D)} from config.json")
     bias_name = _first_present(ckpt, prefix, family.router_bias_names)
-    bias = None if bias_name is None else ckpt.read(bias_name, dtype)
+    bias = None if bias_name is None else ckpt.read(bias_name, dtype, copy=True)
     correction = None
     if family.correction_bias_names:
         cname = _first_present(ckpt, prefix, family.correction_bias_names)
         if cname is None:
             raise CheckpointError(f"{ckpt.root}: router correction bias of {prefix} is missing")
-        correction = ckpt.read(cname, torch.float32)  # transformers keeps it in fp32
+        correction = ckpt.read(cname, torch.float32, copy=True)  # transformers keeps it in fp32
     return Router(family.rule(config, block), weight, bias, correction, logits_dtype=family.logits_dtype_for(config))
 
 
@@ -153,7 +154,7 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> N
             continue
         if name not in ckpt:
             continue  # tied weights are not stored; anything else is reported after tying
-        value = ckpt.read(name)
+        value = ckpt.read(name, copy=True)  # owned: the file is unmapped after loading
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         if value.is_floating_point() and not _keep_fp32(model, name):
@@ -184,6 +185,10 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
         ckpt = Dequantizing(ckpt, fmt)
     family = family_for(config)
     dtype = _resolve_dtype(config, opts.dtype)
+    if opts.quant is not None and dtype == torch.float32:
+        warnings.warn("quantized experts in a float32 model: torch's int8/int4 CPU kernels take a scalar path for "
+                      "float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load with "
+                      "dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with torch.device("meta"):
@@ -207,6 +212,7 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
         model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index))
+        ckpt.release()  # this layer's pages were copied into its bank: unmap them (store/checkpoint.py)
     if given:  # its top-k, now that a router is built
         first = model.get_submodule(blocks[0][0])
         opts.sharding.placement.check_model(ModelShape(len(blocks), first.router.num_experts, first.router.top_k))
@@ -214,6 +220,7 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if not family.model_types:  # no adapter: the generic guess must reproduce transformers' block
         path, block = blocks[0]
         verify_block(block, model.get_submodule(path), config.model_type, path)
+    ckpt.release()
     if fmt is not None:
         kept = sorted({getattr(m.experts, "kernel", "dequantized to float as read") for _, m in model.named_modules()
                        if isinstance(m, MoELayer)})

@@ -369,3 +369,17 @@ def test_cuda_host_experts_are_pinned_and_stay_on_the_host(tiny):
         assert layer.experts.w_in.device.type == "cpu" and layer.experts.w_in.is_pinned()
         assert layer.router.weight.is_cuda
     assert next(model.parameters()).is_cuda
+
+
+@pytest.mark.parametrize("options", [{}, {"expert_memory": 0.5}])
+def test_loading_leaves_the_checkpoint_unmapped(tiny, options):
+    """Once the weights are copied into the model, the checkpoint's file is not kept mapped (its pages would
+    count in the process's memory for nothing); the host store's budget then holds less than before."""
+    path = tiny("qwen3_moe")
+    model = moedeploy.load(path, dtype="float32", **options)
+    with open("/proc/self/maps") as f:
+        mapped = [line for line in f if str(path) in line]
+    assert not mapped, mapped
+    ids = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids)  # still runs: anything read later maps the file again

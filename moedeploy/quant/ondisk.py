@@ -80,14 +80,18 @@ class Dequantizing:
     def has_prefix(self, prefix: str) -> bool:
         return self.raw.has_prefix(prefix)
 
+    def release(self) -> None:
+        self.raw.release()
+
     def shape(self, name: str) -> tuple[int, ...]:
         if self._packed(name):
             *lead, R, G, _ = self.raw.shape(f"{name}_blocks")
             return (*lead, G * 32, R)
         return self.raw.shape(name)
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
-        return self._read(name, None, dtype)
+    def read(self, name: str, dtype: torch.dtype | None = None, copy: bool = False) -> Tensor:
+        t = self._read(name, None, dtype)
+        return t.clone() if copy else t  # a tensor read as stored may share the file's mapping
 
     def read_index(self, name: str, index: int, dtype: torch.dtype | None = None) -> Tensor:
         return self._read(name, index, dtype)

@@ -3,6 +3,11 @@
 Files are memory-mapped (`safe_open`): reading one tensor, or one expert's slice of a fused tensor,
 touches only those bytes. This module knows nothing about models; it validates that the directory is
 a checkpoint and that its files are whole, and says so clearly when they are not.
+
+Pages read through a mapping stay in the process's resident memory while the file is mapped, though
+their bytes were copied elsewhere. `release()` unmaps every file (the loader calls it after each layer's
+experts are stacked, and when loading ends; the weights it keeps are read with `copy=True`); the next
+read maps the file again.
 """
 
 from __future__ import annotations
@@ -45,17 +50,27 @@ class Checkpoint:
                 "(re-save the model with save_pretrained(..., safe_serialization=True))"
             )
         self.root = root
-        self._where: dict[str, object] = {}
+        self._where: dict[str, Path] = {}  # tensor name -> its file
+        self._open: dict[Path, object] = {}  # file -> safe_open handle (mapped) until release()
         for file in files:
+            for name in self._map(file).keys():
+                self._where[name] = file
+
+    def _map(self, file: Path):
+        handle = self._open.get(file)
+        if handle is None:
             try:
-                handle = safe_open(str(file), framework="pt")
+                handle = self._open[file] = safe_open(str(file), framework="pt")
             except Exception as ex:  # safetensors raises its own error type for a bad header or short file
                 raise CheckpointError(
                     f"{file} is not a readable safetensors file ({ex}); it may be truncated or corrupt: "
                     "copy or download it again"
                 ) from ex
-            for name in handle.keys():
-                self._where[name] = handle
+        return handle
+
+    def release(self) -> None:
+        """Unmap every file: the pages read so far leave this process (tensors read keep their own copies)."""
+        self._open.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -65,16 +80,18 @@ class Checkpoint:
 
     def _handle(self, name: str):
         try:
-            return self._where[name]
+            return self._map(self._where[name])
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None, copy: bool = False) -> torch.Tensor:
+        """Tensor `name` (in `dtype`). safetensors' tensors share the file's mapping, which then stays mapped,
+        pages and all, while they live: `copy=True` for one kept beyond loading (it owns its memory)."""
         t = self._handle(name).get_tensor(name)
-        return t if dtype is None else t.to(dtype)
+        return t if dtype is None and not copy else t.to(dtype or t.dtype, copy=copy)
 
     def read_index(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`read(name)[index]` without reading the rest of the tensor (one expert of a fused tensor)."""
