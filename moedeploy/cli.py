@@ -158,6 +158,7 @@ def cmd_make_tiny(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
+    from .bench import decode as bench_decode
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
     from .bench import parallel as bench_parallel
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("offload", bench_offload, "decoding and peak memory under budgets vs resident vs transformers+accelerate"),
             ("serve", bench_serve, "the server under concurrent load vs transformers (serve) and llama-server"),
             ("quant", bench_quant, "quantized experts: held-out perplexity, bytes, decode speed, greedy agreement"),
+            ("decode", bench_decode, "CPU decode speed vs the memory-bandwidth bound and vs llama.cpp (llama-bench)"),
             ("parallel", bench_parallel, "expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun)")):
         bp = bsub.add_parser(name, help=summary)
         module.add_arguments(bp)

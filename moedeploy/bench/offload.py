@@ -12,6 +12,11 @@ Every configuration runs in its own process, so its peak memory is its own:
 - `accelerate f`: transformers with `device_map="auto"`, `max_memory` = the dense weights plus the
   same fraction f of the expert bytes, the rest offloaded to disk by accelerate (`offload_folder`).
 
+`--expert-dtype none,int4` repeats the resident and moedeploy rows with quantized experts (the budget
+is then a fraction of the quantized expert bytes, and misses move the small form); each such row is
+compared with the resident model of its own expert dtype. `--dtype` sets the model dtype (default: the
+checkpoint's); `--no-baselines` leaves out transformers and accelerate.
+
 On a CPU the "device" is host memory, so the comparison is memory budget vs disk. With `--device
 cuda` the device is the GPU: the budget is GPU memory for experts, moedeploy's other experts wait in
 pinned host memory (`--store host`) or on disk, and accelerate offloads to host memory
@@ -71,10 +76,13 @@ class Config:
     store: str = "disk"
     prefetch: str | None = "lookahead"  # moedeploy only
     device: str = "cpu"
+    expert_dtype: str | None = None  # resident and moedeploy: "int8" / "int4" quantized experts
+    dtype: str | None = None  # the model dtype; None: the checkpoint's
 
     @property
     def name(self) -> str:
         name = self.kind if self.budget is None else f"{self.kind} {self.budget:g}"
+        name += f" {self.expert_dtype}" if self.expert_dtype else ""
         return name + (" no-prefetch" if self.kind == "moedeploy" and self.prefetch is None else "")
 
 
@@ -122,16 +130,18 @@ def _load(cfg: Config, path: Path, offload_dir: str):
 
     from ..api import load
 
+    dtype = cfg.dtype or "auto"
     if cfg.kind == "resident":
-        return load(path, device=cfg.device)
+        return load(path, device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype)
     if cfg.kind == "moedeploy":
-        return load(path, device=cfg.device, expert_memory=cfg.budget, expert_store=cfg.store, prefetch=cfg.prefetch)
+        return load(path, device=cfg.device, dtype=cfg.dtype, expert_dtype=cfg.expert_dtype, expert_memory=cfg.budget,
+                    expert_store=cfg.store, prefetch=cfg.prefetch)
     if cfg.kind == "transformers":
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(cfg.device)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(cfg.device)
     dense, experts = weight_bytes(path)
     budget = int(dense + cfg.budget * experts)
     max_memory = {"cpu": budget} if cfg.device == "cpu" else {0: budget, "cpu": 2**40}  # the rest: disk / host
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map="auto", offload_folder=offload_dir,
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="auto", offload_folder=offload_dir,
                                                 max_memory=max_memory)
 
 
@@ -206,24 +216,28 @@ def _spawn(cfg: Config, args, timeout: float) -> dict:
 
 def bench(args, progress=print) -> tuple[list[Row], float | None]:
     """The rows, and on CUDA the measured host-to-device bandwidth (bytes/s)."""
-    dev = args.device
-    configs = [Config("resident", device=dev), Config("transformers", device=dev)]
+    dev, dt = args.device, args.dtype
+    configs = [Config("resident", device=dev, dtype=dt)] + [Config("transformers", device=dev, dtype=dt)] * args.baselines
+    configs += [Config("resident", device=dev, expert_dtype=q, dtype=dt) for q in args.expert_dtypes if q]
     for b in args.budgets:
-        configs += [Config("moedeploy", b, args.store, prefetch, dev) for prefetch in args.prefetch]
-        configs += [Config("accelerate", b, device=dev)]
-    configs += [Config("resident", device=dev)]
+        configs += [Config("moedeploy", b, args.store, prefetch, dev, q, dt)
+                    for q in args.expert_dtypes for prefetch in args.prefetch]
+        configs += [Config("accelerate", b, device=dev, dtype=dt)] * args.baselines
+    configs += [Config("resident", device=dev, dtype=dt)]
     results = []
     for cfg in configs:
         progress(f"bench offload: {cfg.name} ...")
         results.append((cfg, _spawn(cfg, args, args.timeout)))
     base = (results[0][1]["rate"] + results[-1][1]["rate"]) / 2
     h2d = results[0][1]["h2d"]
+    resident = {cfg.expert_dtype: r for cfg, r in results if cfg.kind == "resident"}  # each expert dtype's baseline
     rows = []
     for cfg, r in results:
+        same_as = resident[cfg.expert_dtype if cfg.kind in ("resident", "moedeploy") else None]
         cache = r["cache"]
         tokens = max(len(r["tokens"]) - 1, 1)
         rows.append(Row(config=cfg.name, budget=cfg.budget, decode_tokens_per_s=round(r["rate"], 2),
-                        ratio_to_resident=round(r["rate"] / base, 3), identical=r["tokens"] == results[0][1]["tokens"],
+                        ratio_to_resident=round(r["rate"] / base, 3), identical=r["tokens"] == same_as["tokens"],
                         peak_anon_mb=round(r["peak_anon"] / 2**20, 1), peak_rss_mb=round(r["peak_rss"] / 2**20, 1),
                         load_s=round(r["load_s"], 2),
                         miss_rate=cache and round(cache["miss_rate"], 4),
@@ -246,6 +260,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the budget is: host memory or the GPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
+    parser.add_argument("--expert-dtype", default="none",
+                        help="expert dtypes to run, comma-separated: none (the model dtype), int8, int4")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="leave out transformers and accelerate")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one configuration may take")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
 
@@ -262,6 +281,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as ex:
         raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
     args.prefetch = [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",") if p.strip()]
+    args.expert_dtypes = [None if q.strip() == "none" else q.strip() for q in args.expert_dtype.split(",") if q.strip()]
     args.model_path = Path(args.model) if args.model else DEMO_MODEL
     if args.device == "cuda" and not torch.cuda.is_available():
         raise MoeDeployError("bench offload --device cuda: torch sees no CUDA device here")
@@ -270,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
     dense, experts = weight_bytes(args.model_path)
     report = {"benchmark": "moedeploy bench offload", "date": started, "machine": asdict(machine()),
               "model": str(args.model_path), "dense_bytes": dense, "expert_bytes": experts, "store": args.store,
-              "device": args.device, "h2d_bytes_per_s": h2d,
+              "device": args.device, "h2d_bytes_per_s": h2d, "dtype": args.dtype,
               "threads": args.threads, "new_tokens": args.new_tokens, "rounds": args.rounds,
               "rows": [asdict(r) for r in rows]}
     if not args.json:
