@@ -138,6 +138,11 @@ class MoELayer(nn.Module):
         bank's experts: every expert, or this rank's slots under expert parallelism)."""
         if self.pool is not None:
             return self._moe_buffered(x, routing)
+        if not self.may_drop and kernels.direct(self.backend, x, routing.ids, self.experts):  # decode: no plan
+            with _label("moe.experts"):
+                pairs = kernels.compiled_pairs(x, routing.ids, self.experts)  # [T*K, D]
+            with _label("moe.combine"):
+                return weighted_sum(pairs, routing.weights), count(routing.ids, self.experts.num_experts)
         with _label("moe.dispatch"):
             p = plan(routing, self.experts.num_experts, may_drop=self.may_drop)
             x_sorted = gather(x, p)  # [P, D]

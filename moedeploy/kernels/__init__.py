@@ -33,7 +33,7 @@ from torch import Tensor
 from ..dispatch import Plan
 from ..errors import OptionError
 from ..experts import ExpertBank
-from .compiled import compiled_experts, compiled_supported, worth_compiling
+from .compiled import compiled_experts, compiled_pairs, compiled_supported, worth_compiling
 from .grouped import grouped_mm_experts, grouped_mm_supported
 from .loop import loop_experts
 from .quantized import quantized_experts
@@ -51,6 +51,15 @@ def auto_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
     if x_sorted.device.type == "cpu" and P * LOOP_RATIO <= p.num_experts:
         return loop_experts(x_sorted, p, bank)
     return grouped_mm_experts(x_sorted, p, bank)
+
+
+def direct(name: str, x: Tensor, ids: Tensor, bank: ExpertBank) -> bool:
+    """Whether a step of `ids` [T, K] (no dropped pairs) can skip the plan: "auto" on a decode-sized CPU step
+    that "auto" would give the compiled kernel anyway, or "compiled" itself (compiled.compiled_pairs)."""
+    if name == "compiled":
+        return True
+    return (name == "auto" and x.device.type == "cpu" and ids.numel() <= COMPILED_ROWS
+            and worth_compiling(bank))
 
 
 BACKENDS: dict[str, Backend] = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "auto": auto_experts,

@@ -10,6 +10,10 @@ weights straight from the bank, no copy:
     y[p]  = w_out[e_p] @ a[p]           [P, D]
     e_p   = the expert of sorted row p: searchsorted(offsets, p)
 
+For a decode step the layer skips the plan altogether (`compiled_pairs`: rows in (token, k) order, no
+sort, gather or unsort; `kernels.direct`): a row's value depends only on its input and its expert, so
+these are the bits the plan path computes, and the layer's weighted sum follows as usual.
+
 `torch.compile` turns this into one vectorised, multi-threaded C++ loop nest per shape (the row count is
 dynamic: one compilation serves every decode step; a bank of another size, a pool's slots, is another).
 A row reads its expert whole, so when several rows share an expert the weights are read once per row:
@@ -67,6 +71,17 @@ def compiled_supported(bank: ExpertBank) -> bool:
 def worth_compiling(bank: ExpertBank) -> bool:
     """Supported, and experts large enough that reading them fast matters more than compiling once."""
     return compiled_supported(bank) and bank.expert_bytes() >= MIN_EXPERT_BYTES
+
+
+def compiled_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:
+    """x [T, D], ids [T, K] -> pairs [T*K, D] in (token, k) order: the same rows as `compiled_experts`
+    computes from a plan, with no plan (no sort, gather or unsort): a decode step's whole dispatch."""
+    T, K = ids.shape
+    rows = x.unsqueeze(1).expand(T, K, x.shape[-1]).reshape(T * K, -1)  # [T*K, D]
+    expert = ids.reshape(-1)
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
+    torch._dynamo.maybe_mark_dynamic(expert, 0)
+    return _kernel()(rows, expert, bank.w_in, bank.w_out)
 
 
 def compiled_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
