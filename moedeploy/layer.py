@@ -138,9 +138,10 @@ class MoELayer(nn.Module):
         bank's experts: every expert, or this rank's slots under expert parallelism)."""
         if self.pool is not None:
             return self._moe_buffered(x, routing)
-        if not self.may_drop and kernels.direct(self.backend, x, routing.ids, self.experts):  # decode: no plan
+        pairs_kernel = None if self.may_drop else kernels.direct(self.backend, x, routing.ids, self.experts)
+        if pairs_kernel is not None:  # a decode step: no plan
             with _label("moe.experts"):
-                pairs = kernels.compiled_pairs(x, routing.ids, self.experts)  # [T*K, D]
+                pairs = pairs_kernel(x, routing.ids, self.experts)  # [T*K, D]
             with _label("moe.combine"):
                 return weighted_sum(pairs, routing.weights), count(routing.ids, self.experts.num_experts)
         with _label("moe.dispatch"):

@@ -36,7 +36,7 @@ from ..experts import ExpertBank
 from .compiled import compiled_experts, compiled_pairs, compiled_supported, worth_compiling
 from .grouped import grouped_mm_experts, grouped_mm_supported
 from .loop import loop_experts
-from .quantized import quantized_experts
+from .quantized import quantized_experts, quantized_pairs
 
 Backend = Callable[[Tensor, Plan, ExpertBank], Tensor]
 
@@ -53,13 +53,17 @@ def auto_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
     return grouped_mm_experts(x_sorted, p, bank)
 
 
-def direct(name: str, x: Tensor, ids: Tensor, bank: ExpertBank) -> bool:
-    """Whether a step of `ids` [T, K] (no dropped pairs) can skip the plan: "auto" on a decode-sized CPU step
-    that "auto" would give the compiled kernel anyway, or "compiled" itself (compiled.compiled_pairs)."""
-    if name == "compiled":
-        return True
-    return (name == "auto" and x.device.type == "cpu" and ids.numel() <= COMPILED_ROWS
-            and worth_compiling(bank))
+def direct(name: str, x: Tensor, ids: Tensor, bank: ExpertBank) -> Callable[[Tensor, Tensor, ExpertBank], Tensor] | None:
+    """A kernel for a step of `ids` [T, K] (no dropped pairs) that skips the plan (pairs [T*K, D] in (token, k)
+    order), where it gives the plan path's bits: one token on quantized experts (each expert gets its one row
+    either way); "auto" on a decode-sized CPU step that it would give the compiled kernel anyway, or
+    "compiled" itself (rows are computed independently). None: take the plan."""
+    if name == "quantized":
+        return quantized_pairs if ids.shape[0] == 1 else None
+    if name == "compiled" or (name == "auto" and x.device.type == "cpu" and ids.numel() <= COMPILED_ROWS
+                              and worth_compiling(bank)):
+        return compiled_pairs
+    return None
 
 
 BACKENDS: dict[str, Backend] = {"loop": loop_experts, "grouped_mm": grouped_mm_experts, "auto": auto_experts,

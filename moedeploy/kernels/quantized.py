@@ -21,3 +21,12 @@ def quantized_experts(x_sorted: Tensor, p: Plan, bank) -> Tensor:
         y[rows] = bank.linear_out(e, bank.activation(bank.linear_in(e, x_sorted[rows])))
         start += n
     return y
+
+
+def quantized_pairs(x: Tensor, ids: Tensor, bank) -> Tensor:
+    """One token's step with no plan: x [1, D], ids [1, K] -> pairs [K, D] in k order. Each of its experts
+    gets the one row it gets in the plan path, so the bits are the same."""
+    y = torch.empty(ids.numel(), bank.hidden_size, dtype=x.dtype, device=x.device)  # [K, D]
+    for k, e in enumerate(ids.reshape(-1).tolist()):  # one host sync, as the plan path's sizes
+        y[k] = bank.linear_out(e, bank.activation(bank.linear_in(e, x)))[0]
+    return y
