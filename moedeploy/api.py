@@ -163,7 +163,11 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     cache_scope: "layer" (an equal share per MoE layer, default) or "global" (one pool for all).
     expert_store: where the non-resident experts wait: "host" memory (default; loaded once) or "disk"
     (the checkpoint's safetensors files, memory-mapped and read one expert per miss: for experts
-    larger than host memory).
+    larger than host memory). Needs an expert_memory budget. With expert_dtype, "disk" reads the
+    quantized experts from a copy written once into moedeploy's cache folder ($MOEDEPLOY_CACHE, else
+    $XDG_CACHE_HOME/moedeploy, else ~/.cache/moedeploy; `quantized/<key>/`, never beside the checkpoint):
+    the first load quantizes and writes it, later loads check it (sizes, sha256) and map it; a stale
+    (the checkpoint changed), truncated or corrupt copy is named in a warning and rebuilt (quant/cache.py).
     pin: a routing trace recorded from this model (`moedeploy eval-ppl --trace FILE`): its hottest
     experts stay resident for good, filling `pin_fraction` (default 0.5) of each pool's slots.
     prefetch: "lookahead": after each MoE layer, the next layer's router scores the current hidden
@@ -173,7 +177,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
     expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
     load and run on torch's packed CPU kernels; dense weights, routers and shared experts keep `dtype`.
-    Under an expert_memory budget (host store) the slots hold the quantized form.
+    Under an expert_memory budget the slots hold the quantized form, and a miss copies it from host memory or,
+    with expert_store="disk", from moedeploy's quantized cache on disk (see expert_store).
     A pre-quantized checkpoint (config.json's quantization_config: GPT-OSS's "mxfp4" experts, DeepSeek-V3's
     block-scaled "fp8") is detected: its routed experts stay in that form (bank and budget slots; each expert
     dequantized per call, then a matmul in `dtype`: `model.moedeploy.stats()["expert_kernel"]`), its other
@@ -202,7 +207,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError("rebalance applies to an expert-parallel run without an expert_memory budget (the cache's "
                           "slots would have to follow the moves): launch with `torchrun --nproc-per-node N -m "
                           "moedeploy ... --rebalance` and leave out the budget")
-    quant = _quant(expert_dtype, group_size, opts, expert_store, placement)
+    quant = _quant(expert_dtype, group_size, opts, placement)
     opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None, quant=quant,
                    sharding=_sharding(placement, gating, prefetch, pin, exchange))
     path = DEMO_MODEL if path is None else Path(path)
@@ -228,7 +233,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     return model
 
 
-def _quant(expert_dtype, group_size, opts: LoadOptions, expert_store, placement) -> QuantSpec | None:
+def _quant(expert_dtype, group_size, opts: LoadOptions, placement) -> QuantSpec | None:
     """The quantization asked for, or None; refused where this version has no path for it."""
     if expert_dtype is None:
         if group_size is not None:
@@ -238,7 +243,6 @@ def _quant(expert_dtype, group_size, opts: LoadOptions, expert_store, placement)
     for asked, why in ((opts.device.type != "cpu", f"on {opts.device.type} (torch's packed int8/int4 kernels used "
                         "here are CPU kernels)"),
                        (opts.gating.mode != "dynamic", "with static gating"),
-                       (expert_store == "disk", "from the disk store yet (use expert_store='host')"),
                        (current_group() is not None or placement is not None, "with expert parallelism yet")):
         if asked:
             raise OptionError(f"quantized experts (expert_dtype={expert_dtype!r}) do not run {why}; "

@@ -4,7 +4,9 @@
 2. Each MoE block is replaced by a `MoELayer` whose router and experts are read from the safetensors
    files by name, one expert at a time, into the uniform expert layout. The block's shared experts
    keep their transformers modules and names. With the disk store (`expert_store="disk"`), experts
-   stay in the memory-mapped checkpoint and the layer's bank holds their shapes only (meta device).
+   stay in the memory-mapped checkpoint and the layer's bank holds their shapes only (meta device);
+   quantized experts (`expert_dtype`) on the disk store are quantized once into moedeploy's cache folder
+   (quant/cache.py), and each later load maps those files instead.
 3. Every other tensor is read by name; non-persistent buffers (rotary frequencies, sinusoidal
    positions) are recomputed by the model's own `_init_weights`; tied weights are tied.
 4. Anything still on the meta device means the checkpoint lacks it: a clear error, no model.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import replace
+from functools import partial
 
 import torch
 from torch import nn
@@ -31,10 +34,11 @@ from .models.verify import verify_block
 from .options import LoadOptions
 from .placement import ModelShape
 from .quant import QuantizedBank
+from .quant.cache import QuantCache
 from .quant.ondisk import Dequantizing, format_of
 from .quant.prequantized import PrequantizedBank
 from .routing import Router
-from .store import Checkpoint, DiskStore, HostStore
+from .store import Checkpoint, DiskStore, HostStore, QuantizedDiskStore
 
 log = logging.getLogger(__name__)
 
@@ -84,10 +88,16 @@ def _expert_store(ckpt: Checkpoint, family: Family, config, block: nn.Module, pr
     return DiskStore(ckpt, layout, prefix, E, D, I, family.activation(config, block))
 
 
+def _layer_store(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module) -> DiskStore:
+    """The float experts of the MoE block at `path`, as the checkpoint has them."""
+    return _expert_store(ckpt, family, config, block, _disk_prefix(ckpt, family, path), block.experts.num_experts)
+
+
 def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module, opts: LoadOptions,
-                dtype: torch.dtype, index: int = 0) -> MoELayer:
+                dtype: torch.dtype, index: int = 0, quantized: QuantizedDiskStore | None = None) -> MoELayer:
     """MoE layer number `index` (model order) from its block. Under expert parallelism (opts.sharding)
-    only this rank's slots are read."""
+    only this rank's slots are read. `quantized`: the layer's experts in moedeploy's quantized cache (the
+    disk tier of quantized experts; quant/cache.py)."""
     prefix = _disk_prefix(ckpt, family, path)
     E = block.experts.num_experts
     D, _ = family.dims(block)
@@ -98,7 +108,13 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         parallel = opts.sharding.layer(index)
         disk = disk.subset(opts.sharding.local(index))
     prequantized = getattr(ckpt, "fmt", None) is not None  # MXFP4 / FP8 on disk (quant/ondisk.py)
-    if opts.quant is not None:  # quantized one expert at a time as they stream (pre-quantized: from the dequantized)
+    if opts.quant is not None and quantized is not None:  # the disk tier: mapped from the cache, shapes only here
+        if quantized.size != disk.size:
+            raise CheckpointError(f"{quantized.path} holds {quantized.size} experts for {path}, the model has "
+                                  f"{disk.size}; delete it and load again")
+        experts = QuantizedBank.shaped(opts.quant, disk.activation, disk.D, disk.I, quantized.shapes())
+        store = quantized
+    elif opts.quant is not None:  # quantized one expert at a time as they stream (pre-quantized: from the dequantized)
         experts = QuantizedBank.from_store(disk, opts.quant, dtype)
         store = HostStore(experts) if opts.buffered else disk
     elif prequantized and parallel is None and opts.expert_store != "disk":  # kept in the checkpoint's own format
@@ -141,7 +157,7 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> N
     """Read every tensor still on the meta device by name; recompute non-persistent buffers. Expert
     banks of the disk tier stay on the meta device."""
     on_disk = {f"{path}.experts.{name}" for path, m in model.named_modules() if isinstance(m, MoELayer)
-               and isinstance(m.store, DiskStore) for name, _ in m.experts.named_buffers()}
+               and isinstance(m.store, (DiskStore, QuantizedDiskStore)) for name, _ in m.experts.named_buffers()}
     entries = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, tensor in entries:
         if not tensor.is_meta or name in on_disk:
@@ -207,11 +223,17 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if opts.sharding is not None:
         opts = replace(opts, sharding=opts.sharding.resolve(
             ModelShape(len(blocks), blocks[0][1].experts.num_experts, 0, str(ckpt.root))))
+    quantized = [None] * len(blocks)
+    if opts.quant is not None and opts.expert_store == "disk":  # quantized once into moedeploy's cache, then mapped
+        quantized = QuantCache(ckpt.root, opts.quant, dtype).ensure(
+            [(path, partial(_layer_store, ckpt, family, config, path, block)) for path, block in blocks],
+            release=ckpt.release)
     for index, (path, block) in enumerate(tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer",
                                                disable=None, leave=False)):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
-        model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index))
+        model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index,
+                                              quantized=quantized[index]))
         ckpt.release()  # this layer's pages were copied into its bank: unmap them (store/checkpoint.py)
     if given:  # its top-k, now that a router is built
         first = model.get_submodule(blocks[0][0])

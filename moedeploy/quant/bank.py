@@ -8,7 +8,9 @@ time as they stream from the checkpoint (the float layer never exists whole).
 Scales (and int4 zeros) are kept in the model's dtype, as the kernels take them. `linear_in(e, x)` and
 `linear_out(e, a)` are expert e's two projections; kernels/quantized.py loops over the experts with them.
 Under an expert budget the host store reads experts from this bank (`tensors()` order) and the slot pool's
-slots are an `empty` bank of the same format, so a miss copies the quantized bytes.
+slots are an `empty` bank of the same format, so a miss copies the quantized bytes. On the disk tier the
+experts live in moedeploy's quantized cache (quant/cache.py) and the layer's bank is `shaped` on the meta
+device: shapes and dtypes only, no expert bytes (`.to()` moves nothing).
 
 Legend: E experts, D hidden size, I expert intermediate size, N = 2I (gated) or I, G groups per row.
 """
@@ -52,6 +54,19 @@ class QuantizedBank(nn.Module):
                 parts.setdefault(name, []).append(b.to(dtype))
         return cls(spec, store.activation, D, I, {name: torch.stack(ts) for name, ts in parts.items()})
 
+    @classmethod
+    def shaped(cls, spec: QuantSpec, activation: Activation, hidden_size: int, intermediate_size: int,
+               shapes: dict[str, tuple[tuple[int, ...], torch.dtype]], device="meta") -> QuantizedBank:
+        """A bank with buffers of the given [E, ...] shapes and dtypes, registered in `shapes`' order (the
+        `tensors()` order): on "meta" it holds no expert bytes (the disk tier), elsewhere uninitialised memory."""
+        buffers = {name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype) in shapes.items()}
+        return cls(spec, activation, hidden_size, intermediate_size, buffers)
+
+    def _apply(self, fn, recurse=True):
+        if any(t.is_meta for t in self.tensors()):  # the disk tier's shapes-only bank: nothing here moves
+            return self
+        return super()._apply(fn, recurse)
+
     def empty(self, num_experts: int, device) -> "QuantizedBank":
         """A bank of the same format with room for `num_experts` experts (a slot pool's slots)."""
         buffers = {name: torch.empty((num_experts, *t.shape[1:]), dtype=t.dtype, device=device)
@@ -67,6 +82,10 @@ class QuantizedBank(nn.Module):
 
     def tensors(self) -> tuple[Tensor, ...]:
         return tuple(t for t in self._buffers.values() if t is not None)
+
+    def tensor_names(self) -> tuple[str, ...]:
+        """The buffer names of `tensors()`, in the same order."""
+        return tuple(name for name, t in self._buffers.items() if t is not None)
 
     def expert_bytes(self) -> int:
         """Bytes of one expert in its quantized form (weights, scales, biases)."""

@@ -1,7 +1,9 @@
 """Where expert weights live: `Checkpoint` reads tensors by name from a checkpoint's safetensors files;
-`HostStore` and `DiskStore` hand the expert cache one expert at a time (experts.py)."""
+`HostStore` and `DiskStore` hand the expert cache one expert at a time (experts.py), and
+`QuantizedDiskStore` one quantized expert from moedeploy's quantized cache (quantized.py)."""
 
 from .checkpoint import Checkpoint
 from .experts import STORES, DiskStore, HostStore
+from .quantized import QuantizedDiskStore
 
-__all__ = ["Checkpoint", "DiskStore", "HostStore", "STORES"]
+__all__ = ["STORES", "Checkpoint", "DiskStore", "HostStore", "QuantizedDiskStore"]
