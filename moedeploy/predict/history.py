@@ -25,13 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import MoeDeployError
+from .base import PredictorError
 
 FORMAT = 1
-
-
-class PredictorError(MoeDeployError):
-    """A predictor file is missing, unreadable, or fitted for a different model shape."""
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,7 @@ class HistoryPredictor:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "HistoryPredictor":
+    def load(cls, path: str | Path) -> HistoryPredictor:
         path = Path(path)
         if not path.is_file():
             raise PredictorError(f"predictor file {path} does not exist; make one with `moedeploy predict fit`")
@@ -120,7 +116,7 @@ def fit(traces: list[np.ndarray], num_experts: int, max_lookahead: int = 4) -> H
 
 def onehot(experts: np.ndarray, num_experts: int) -> np.ndarray:
     """[N, L, K] ids -> [N, L, E] float32 indicators (ids >= E ignored)."""
-    N, L, K = experts.shape
+    N, L, _K = experts.shape
     X = np.zeros((N, L, num_experts + 1), np.float32)
     ids = np.minimum(experts.astype(np.int64), num_experts)
     np.put_along_axis(X, ids, 1.0, axis=2)
@@ -131,7 +127,7 @@ def scores(predictor: HistoryPredictor | None, experts: np.ndarray, num_experts:
     """[N, L, E] float32: score of expert j for layer m of token t, from what is known `cfg.lookahead`
     layers before it is needed. experts [N, L, K]. Without a predictor the cross term counts only the
     tokens served so far (no offline prior)."""
-    N, L, K = experts.shape
+    N, L, _K = experts.shape
     E, d = num_experts, cfg.lookahead
     if not 1 <= d < L:
         raise PredictorError(f"lookahead must be between 1 and {L - 1} layers, got {d}")

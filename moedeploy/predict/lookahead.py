@@ -11,6 +11,9 @@ guess costs a copy (`stats.prefetched - stats.prefetch_hits`) and maybe a slot.
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 from torch import Tensor
 
 from ..dispatch import count
@@ -38,6 +41,25 @@ PREFETCHERS = ("lookahead",)
 
 def attach_lookahead(layers: list) -> None:
     """Each MoE layer with a successor in model order prefetches for it (the last one for none)."""
-    for layer, successor in zip(layers, layers[1:]):
+    for layer, successor in itertools.pairwise(layers):
         if layer.experts.hidden_size == successor.experts.hidden_size:
             layer.lookahead = Lookahead(successor)
+
+
+class LookaheadPredictor:
+    """The lookahead as a `Predictor` for evaluation (base.py): layer l's router applied to the hidden
+    state one MoE layer earlier, `known.hidden[:, l]` (MoE layer l-1's input; for layer 0, the token
+    embeddings: what the first router would pick if attention and the norm changed nothing).
+    It needs the model's hidden states, so it scores text run through the model, not traces."""
+
+    def __init__(self, routers: list):
+        self.routers = routers  # each MoE layer's Router, in model order
+        self.num_layers, self.num_experts = len(routers), routers[0].num_experts
+
+    def scores(self, known):
+        from .base import PredictorError
+
+        if known.hidden is None:
+            raise PredictorError("the lookahead scores hidden states; it cannot score a routing trace")
+        h = known.hidden  # [T, L, D]
+        return torch.stack([r.logits(h[:, l].to(r.weight.device, r.weight.dtype)).float().cpu() for l, r in enumerate(self.routers)], 1)
