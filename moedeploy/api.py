@@ -17,7 +17,8 @@ from .parallel import current as current_group
 from .parallel.rebalance import Rebalancer
 from .placement import read_placement
 from .placement.online import OnlineConfig
-from .predict.lookahead import PREFETCHERS, attach_lookahead
+from .predict.ahead import PREFETCHERS, ROUTING_MODES, Ahead
+from .predict.lookahead import attach_lookahead
 from .quant import QuantSpec
 from .store import STORES, Checkpoint
 
@@ -33,6 +34,8 @@ class Runtime:
     pools: list = field(default_factory=list)  # cache.SlotPool per budget scope; empty when all experts resident
     group: object = None  # parallel.Group of an expert-parallel run; None in one process
     rebalancer: object = None  # parallel.Rebalancer when the run rebalances online
+    ahead: object = None  # predict.Ahead when a SiDA predictor runs ahead of the model
+    routing: str = "exact"
 
     def stats(self) -> dict:
         """Routing statistics since load (or the last reset): one host sync per layer."""
@@ -47,7 +50,23 @@ class Runtime:
             "routed_pairs": routed,
             "dropped_pairs": dropped,
             "dropped_fraction": dropped / routed if routed else 0.0,
+            **self.routing_stats(),
         }
+
+    def routing_stats(self) -> dict:
+        """The routing mode and, when it is not exact, how far it departed from the router: the share of the
+        router's pairs not chosen, and the router's weight on them per token (0 = no departure)."""
+        out = {"routing": self.routing}
+        if self.routing != "exact":
+            routed = sum(layer.routed_pairs for layer in self.layers.values())
+            departed = sum(int(layer.departed_pairs) for layer in self.layers.values())
+            weight = sum(float(layer.departed_weight) for layer in self.layers.values())
+            K = next(iter(self.layers.values())).router.top_k
+            out |= {"departed_pairs": departed, "departed_fraction": departed / routed if routed else 0.0,
+                    "departed_weight_per_token": weight * K / routed if routed else 0.0}
+        if self.ahead is not None:
+            out |= self.ahead.stats.as_dict()
+        return out
 
     def parameters(self, model: nn.Module) -> dict:
         """Parameter counts: total, expert (routed experts only), and active per token (all but the
@@ -105,6 +124,8 @@ class Runtime:
     def reset_stats(self) -> None:
         for layer in self.layers.values():
             layer.reset_stats()
+        if self.ahead is not None:
+            self.ahead.stats = type(self.ahead.stats)()
         if self.group is not None:
             self.group.reset_stats()
 
@@ -112,6 +133,8 @@ class Runtime:
         """A cold start: every pool drops its unpinned experts and forgets its statistics."""
         for pool in self.pools:
             pool.reset()
+        if self.ahead is not None:
+            self.ahead.reset()
 
 
 SERIES_POINTS = 100  # the most points of a time series in cache_stats(): a JSON a person can read
@@ -145,7 +168,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
          expert_memory=None, policy: str | None = None, cache_scope: str | None = None,
          expert_store: str | None = None, pin: str | Path | None = None, pin_fraction: float | None = None,
          prefetch: str | None = None, placement=None, rebalance=None, exchange: str | None = None,
-         expert_dtype: str | None = None, group_size: int | None = None) -> nn.Module:
+         expert_dtype: str | None = None, group_size: int | None = None, routing: str = "exact",
+         predictor: str | Path | None = None) -> nn.Module:
     """Load a local Hugging Face MoE checkpoint with moedeploy's MoE layers in place.
 
     path: a checkpoint directory; None loads the embedded demo model (docs/demo-model.md).
@@ -171,7 +195,16 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     pin: a routing trace recorded from this model (`moedeploy eval-ppl --trace FILE`): its hottest
     experts stay resident for good, filling `pin_fraction` (default 0.5) of each pool's slots.
     prefetch: "lookahead": after each MoE layer, the next layer's router scores the current hidden
-    states and the experts it would pick are copied in ahead of need (predict/lookahead.py).
+    states and the experts it would pick are copied in ahead of need (predict/lookahead.py). "sida": a
+    trained predictor (`predictor`) scores every MoE layer from the step's tokens in its own thread, and the
+    step's predicted experts are copied in, layer by layer, while the first layers compute (predict/ahead.py).
+    routing: "exact" (default: the router decides; a prefetch never changes a result), "resident" (under
+    a budget, each token's top-k is chosen among the experts resident when its layer runs: no layer waits
+    for a copy) or "predicted" (SiDA's: the predictor's top-k replaces the router's choice, weighted by the
+    router's scores over them). The last two are approximate: `model.moedeploy.stats()` reports how often
+    and by how much they departed from the router.
+    predictor: a SiDA predictor file trained for this model (`moedeploy predict train`), for
+    prefetch="sida" or routing="predicted"; the demo model's own ships and is the default there.
     placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
@@ -199,6 +232,13 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError("pin_fraction needs pin=<routing trace of this model>")
     if prefetch is not None and prefetch not in PREFETCHERS:
         raise OptionError(f"unknown prefetcher {prefetch!r}; choose one of: {', '.join(PREFETCHERS)}")
+    if routing not in ROUTING_MODES:
+        raise OptionError(f"unknown routing {routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
+    if predictor is not None and prefetch != "sida" and routing != "predicted":
+        raise OptionError("predictor applies to prefetch='sida' or routing='predicted'")
+    if routing != "exact" and (gating != "dynamic" or current_group() is not None):
+        raise OptionError(f"routing={routing!r} runs with dynamic gating in one process; leave it out or use "
+                          "routing='exact'")
     if expert_store is not None and expert_store not in STORES:
         raise OptionError(f"unknown expert store {expert_store!r}; choose one of: {', '.join(STORES)}")
     opts = LoadOptions.build(device=device, dtype=dtype, gating=gating, capacity_factor=capacity_factor,
@@ -225,12 +265,35 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
             attach_lookahead(list(layers.values()))
         opts = replace(opts, cache=cache)
     model.moedeploy = Runtime(path=path, family=family.name, options=opts, layers=layers, pools=pools,
-                              group=None if opts.sharding is None else opts.sharding.group)
+                              group=None if opts.sharding is None else opts.sharding.group, routing=routing)
+    _attach_routing(model, routing, prefetch == "sida", predictor)
     if rebalance:  # online rebalancing, hooked before every model step
         config = rebalance if isinstance(rebalance, OnlineConfig) else OnlineConfig()
         model.moedeploy.rebalancer = Rebalancer(list(layers.values()), opts.sharding, config)
         model.register_forward_pre_hook(model.moedeploy.rebalancer)
     return model
+
+
+def _attach_routing(model, routing: str, sida: bool, predictor) -> None:
+    """Set each MoE layer's routing mode, and start SiDA's predictor where prefetching or routing needs it."""
+    layers = list(model.moedeploy.layers.values())
+    if routing != "exact":
+        odd = sorted({type(layer.router.rule).__name__ for layer in layers if not layer.router.restrictable})
+        if odd:
+            raise OptionError(f"routing={routing!r} needs a router that ranks experts by its logits alone; "
+                              f"{model.moedeploy.family}'s {', '.join(odd)} does not (capacity or bias-corrected "
+                              "choice): use routing='exact'")
+    for layer in layers:
+        layer.routing_mode = routing
+    if not sida and routing != "predicted":
+        return
+    from .predict.sida import load_for
+
+    ahead = Ahead(load_for(model, predictor), layers, prefetch=sida, wait=routing != "exact")
+    for layer in layers:
+        layer.ahead = ahead
+    model.register_forward_pre_hook(ahead.hook, with_kwargs=True)
+    model.moedeploy.ahead = ahead
 
 
 def _quant(expert_dtype, group_size, opts: LoadOptions, placement) -> QuantSpec | None:

@@ -97,22 +97,40 @@ def cmd_eval_ppl(args) -> int:
     _same_on_every_rank(model, tokenizer(text, return_tensors="pt")["input_ids"], "texts")
     start = time.perf_counter()
     with _recording(model, args.trace) as recorder:
-        result = perplexity(model, tokenizer, text, context=args.context)
+        result = perplexity(model, tokenizer, text, context=args.context, decode=args.decode, progress=not args.json)
     if recorder is not None:
         recorder.write(args.trace)
     load_per_layer = {name: ExpertLoad.of(layer.expert_counts).__dict__ for name, layer in model.moedeploy.layers.items()}
     out = {"model": str(model.moedeploy.path), "text": str(text_file), **result.as_dict(),
            "seconds": round(time.perf_counter() - start, 2), "expert_load": load_per_layer,
-           "parallel": model.moedeploy.parallel_stats()}
+           "parallel": model.moedeploy.parallel_stats(), "routing": model.moedeploy.routing_stats(),
+           "cache": _cache_summary(model)}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"perplexity {result.perplexity:.2f}, {result.bits_per_byte:.3f} bits per byte "
               f"over {result.tokens:,} tokens ({result.bytes:,} bytes) of {text_file.name}")
+        routing = out["routing"]
+        if routing["routing"] != "exact":
+            print(f"routing {routing['routing']}: {routing['departed_fraction']:.2%} of the router's pairs departed "
+                  f"(router weight {routing['departed_weight_per_token']:.4f} per token)")
+        if out["cache"]:
+            print(f"expert cache: {out['cache']['misses_per_token']:.3f} demand misses per token, "
+                  f"{out['cache']['prefetched']:,} prefetched ({out['cache']['prefetch_hits']:,} used)")
         for name, load_ in load_per_layer.items():
             print(f"  {name}: top-quarter share {load_['top_quarter_share']:.3f}, "
                   f"normalized entropy {load_['normalized_entropy']:.3f}")
     return 0
+
+
+def _cache_summary(model) -> dict | None:
+    stats = model.moedeploy.cache_stats()
+    if stats is None:
+        return None
+    steps = sum(layer.routed_pairs for layer in model.moedeploy.layers.values()) / (
+        len(model.moedeploy.layers) * next(iter(model.moedeploy.layers.values())).router.top_k)
+    keep = ("misses", "hits", "prefetched", "prefetch_hits", "bytes_moved", "stall_s", "miss_rate")
+    return {k: stats[k] for k in keep} | {"misses_per_token": stats["misses"] / max(steps, 1)}
 
 
 def _same_on_every_rank(model, ids, what: str) -> None:
@@ -203,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=256, help="tokens per scored window (default 256)")
     e.add_argument("--json", action="store_true")
     e.add_argument("--trace", help="record the routing of this run to a Parquet file (docs/traces.md)")
+    e.add_argument("--decode", action="store_true", help="score one token per step with a KV cache, as generation "
+                   "runs (what budgets, prefetchers and --routing resident|predicted see then); slower")
     add_load_options(e)
     e.set_defaults(func=cmd_eval_ppl)
 

@@ -29,7 +29,8 @@ def int_list(text: str, flag: str) -> list[int]:
         raise MoeDeployError(f"{flag} takes comma-separated integers, got {text!r}") from ex
 
 
-def add_load_options(p: argparse.ArgumentParser) -> None:
+def add_load_options(p: argparse.ArgumentParser, predictor: bool = True) -> None:
+    """predictor=False: the command has its own --predictor (moedeploy predict)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--gating", default="dynamic", help="dynamic (exact, default) or static (capacity baseline)")
@@ -42,7 +43,14 @@ def add_load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
     p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
     p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
-    p.add_argument("--prefetch", help="lookahead: each MoE layer prefetches the next layer's predicted experts")
+    p.add_argument("--prefetch", help="lookahead (each MoE layer prefetches the next layer's predicted experts) or "
+                   "sida (a trained predictor prefetches every layer's experts from the step's tokens)")
+    p.add_argument("--routing", default="exact", help="exact (default: the router decides), resident (the router's "
+                   "choice among resident experts: never waits for a copy) or predicted (SiDA's: the predictor's "
+                   "top-k); the last two are approximate and report their departures")
+    if predictor:
+        p.add_argument("--predictor", help="a SiDA predictor file for this model (moedeploy predict train); default: "
+                       "the shipped one, for the demo model")
     p.add_argument("--expert-dtype", help="int8 or int4: routed experts quantized weight-only as they load (CPU)")
     p.add_argument("--group-size", type=int, help="inputs per quantization scale (int8: default a whole row; "
                    "int4: 32, 64 (default), 128 or 256)")
@@ -68,4 +76,4 @@ def load_options(args) -> dict:
                 policy=args.policy, cache_scope=args.cache_scope, expert_store=args.expert_store, pin=args.pin,
                 pin_fraction=args.pin_fraction, prefetch=args.prefetch, placement=args.placement,
                 rebalance=args.rebalance, exchange=args.exchange, expert_dtype=args.expert_dtype,
-                group_size=args.group_size)
+                group_size=args.group_size, routing=args.routing, predictor=getattr(args, "predictor", None))

@@ -8,11 +8,13 @@ conservative and fast.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 
 @dataclass(frozen=True)
@@ -46,18 +48,33 @@ class ExpertLoad:
 
 
 @torch.inference_mode()
-def perplexity(model, tokenizer, text: str, context: int = 256, batch: int = 8) -> Perplexity:
+def perplexity(model, tokenizer, text: str, context: int = 256, batch: int = 8, decode: bool = False,
+               progress: bool = False) -> Perplexity:
+    """decode: score each window one token per forward with a KV cache, as generation runs (what expert
+    budgets, prefetchers and routing modes see then), one window at a time; else a window per forward."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     n = (ids.numel() // context) * context
     windows = ids[:n].view(-1, context)  # [W, C]; the ragged tail is scored as one shorter window
+    batch = 1 if decode else batch
     chunks = [c for c in windows.split(batch) if len(c)] + ([ids[n:].unsqueeze(0)] if ids.numel() - n > 1 else [])
     nll, scored = 0.0, 0
     device = next(model.parameters()).device
-    for chunk in chunks:
+    for chunk in tqdm(chunks, desc="scoring", unit="window", disable=not progress):
         chunk = chunk.to(device)
-        logits = model(input_ids=chunk).logits[:, :-1].float()  # [B, C-1, V]
+        logits = (_decoded_logits(model, chunk) if decode else model(input_ids=chunk).logits)[:, :-1].float()
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), chunk[:, 1:].reshape(-1), reduction="sum").item()
         scored += chunk[:, 1:].numel()
     nbytes = len(text.encode("utf-8"))
     return Perplexity(tokens=scored, bytes=nbytes, nll_nats=nll, perplexity=math.exp(nll / max(scored, 1)),
                       bits_per_byte=nll / math.log(2) / max(nbytes, 1))
+
+
+def _decoded_logits(model, chunk: torch.Tensor) -> torch.Tensor:
+    """chunk [B, C] -> logits [B, C, V], one token per forward, the KV cache carried."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # >= 5.24: cache
+    out = model(input_ids=chunk[:, :1], use_cache=True)
+    logits = [out.logits]
+    for t in range(1, chunk.shape[1]):
+        out = model(input_ids=chunk[:, t : t + 1], use_cache=True, **{name: out[name]})
+        logits.append(out.logits)
+    return torch.cat(logits, 1)

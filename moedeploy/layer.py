@@ -87,6 +87,14 @@ class MoELayer(nn.Module):
         # Prefetcher for the next MoE layer (predict/lookahead.py): its guess comes to the host with this
         # layer's counts; its prefetch is sent once this layer's experts are queued.
         self.lookahead = None
+        # SiDA's runtime (predict/ahead.py): the step's prediction, its prefetches, and for routing="predicted"
+        # each token's predicted experts; None without a predictor.
+        self.ahead = None
+        # "exact" (the router decides), "resident" (the router's choice among the experts resident now) or
+        # "predicted" (among the predictor's top-K): the last two depart from the router, counted below.
+        self.routing_mode = "exact"
+        self.register_buffer("departed_pairs", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("departed_weight", torch.zeros((), dtype=torch.float64), persistent=False)
         # Expert parallelism (parallel/layer.py): `experts` holds this rank's slots only, and pairs travel
         # to the rank of their slot and back; None when this process holds every expert.
         self.parallel = parallel
@@ -104,7 +112,7 @@ class MoELayer(nn.Module):
     def moe(self, x: Tensor, groups: int = 1, keep: Tensor | None = None) -> Tensor:
         """x [T, D] -> y [T, D]. `groups` splits T for per-sequence capacity; `keep` [T] masks padding."""
         with _label("moe.route"):
-            routing = self.router(x, groups=groups, keep=keep)
+            routing, departs = self._route(x, groups, keep)
         if self.recorder is not None:
             self.recorder(routing)
         E = self.router.num_experts
@@ -114,7 +122,7 @@ class MoELayer(nn.Module):
                 y = self.parallel(x, routing, self._experts)
                 self.expert_counts += count(routing.ids, E)
             else:
-                y, counts = self._experts(x, routing)
+                y, counts = self._experts(x, routing, departs)
                 self.expert_counts += counts
             if self.may_drop:
                 self.dropped_pairs += (routing.ids == E).sum()
@@ -133,19 +141,47 @@ class MoELayer(nn.Module):
             y = y + s
         return y.to(x.dtype)
 
-    def _experts(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+    def _route(self, x: Tensor, groups: int, keep: Tensor | None) -> tuple[Routing, bool]:
+        """This step's routing, and whether it may hold dropped pairs beyond the router's own (a
+        departure with too few allowed experts)."""
+        if self.ahead is not None and self.routing_mode == "exact":
+            self.ahead.arrive(self)  # sends the step's prefetches once the prediction is ready
+        allowed = self._allowed(x.shape[0])
+        if allowed is None:
+            return self.router(x, groups=groups, keep=keep), False
+        exact, chosen = self.router.restrict(x, allowed)
+        kept = (exact.ids[:, :, None] == chosen.ids[:, None, :]).any(-1)  # [T, K] the router's pairs still chosen
+        self.departed_pairs += (~kept).sum()
+        self.departed_weight += exact.weights.double().masked_fill(kept, 0).sum()
+        return chosen, True
+
+    def _allowed(self, tokens: int) -> Tensor | None:
+        """The experts this step may choose from ([T, E] or [E] bool), or None for the router's choice."""
+        if self.routing_mode == "predicted":
+            return self.ahead.allowed(self, tokens)
+        if self.routing_mode == "resident" and self.pool is not None:
+            if self.ahead is not None:
+                self.ahead.arrive(self)
+            allowed = torch.zeros(self.router.num_experts, dtype=torch.bool)
+            allowed[self.pool.resident(self.pool_index)] = True
+            return allowed.to(self.router.weight.device, non_blocking=True)
+        return None
+
+    def _experts(self, x: Tensor, routing: Routing, departs: bool = False) -> tuple[Tensor, Tensor]:
         """Dynamic gating over this layer's expert bank: y [T, D] and the pairs per expert [E'] (E' = the
-        bank's experts: every expert, or this rank's slots under expert parallelism)."""
+        bank's experts: every expert, or this rank's slots under expert parallelism). `departs`: the
+        routing may hold dropped pairs though the router does not drop (a restricted choice)."""
         if self.pool is not None:
             return self._moe_buffered(x, routing)
-        pairs_kernel = None if self.may_drop else kernels.direct(self.backend, x, routing.ids, self.experts)
+        may_drop = self.may_drop or departs
+        pairs_kernel = None if may_drop else kernels.direct(self.backend, x, routing.ids, self.experts)
         if pairs_kernel is not None:  # a decode step: no plan
             with _label("moe.experts"):
                 pairs = pairs_kernel(x, routing.ids, self.experts)  # [T*K, D]
             with _label("moe.combine"):
                 return weighted_sum(pairs, routing.weights), count(routing.ids, self.experts.num_experts)
         with _label("moe.dispatch"):
-            p = plan(routing, self.experts.num_experts, may_drop=self.may_drop)
+            p = plan(routing, self.experts.num_experts, may_drop=may_drop)
             x_sorted = gather(x, p)  # [P, D]
         with _label("moe.experts"):
             y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.experts)  # [P, D]
@@ -202,6 +238,8 @@ class MoELayer(nn.Module):
     def reset_stats(self) -> None:
         self.expert_counts.zero_()
         self.dropped_pairs.zero_()
+        self.departed_pairs.zero_()
+        self.departed_weight.zero_()
         self.routed_pairs = 0
 
 

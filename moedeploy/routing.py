@@ -250,6 +250,24 @@ class Router(nn.Module):
         dt = self.logits_dtype
         return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 
+    @property
+    def restrictable(self) -> bool:
+        """Whether `restrict` applies: rules that rank experts by their logits alone (not capacity
+        routers, not DeepSeek-V3's bias-corrected choice)."""
+        return isinstance(self.rule, SoftmaxTopK | TopKSoftmax | DeepseekV2Rule | SparseMixer)
+
+    def restrict(self, x: Tensor, allowed: Tensor) -> tuple[Routing, Routing]:
+        """The router's choice (exact) and its choice among `allowed` experts only (allowed [T, E] or [E]
+        bool): the rule applied to the logits with every other expert pushed to the bottom, so the
+        weights are the rule's own over what is left. A token with fewer than K allowed experts keeps
+        the allowed ones; its other pairs are dropped (id E, weight 0)."""
+        logits = self.logits(x)  # [T, E]
+        E = logits.shape[-1]
+        exact = self.rule(logits)
+        chosen = self.rule(logits.masked_fill(~allowed, torch.finfo(logits.dtype).min))
+        kept = allowed.expand_as(logits).gather(1, chosen.ids)  # [T, K]
+        return exact, Routing(torch.where(kept, chosen.ids, E), torch.where(kept, chosen.weights, 0))
+
     def forward(self, x: Tensor, groups: int = 1, keep: Tensor | None = None) -> Routing:
         """x [T, D]; `groups` splits T into equal capacity groups (Switch: one per sequence)."""
         logits = self.logits(x)  # [T, E]

@@ -162,7 +162,7 @@ def test_truncated_or_corrupt_files_are_refused(trained, tmp_path, capsys):
 
 def test_shipped_demo_predictor_is_the_default(tmp_path, capsys):
     """The demo model's predictor ships and loads by default (a few hundred held-out tokens)."""
-    from moedeploy.predict.cli import DEMO_PREDICTOR
+    from moedeploy.predict.sida import DEMO_PREDICTOR
 
     assert DEMO_PREDICTOR.is_file() and DEMO_PREDICTOR.stat().st_size < 6_000_000
     heldout = Path(__file__).resolve().parent.parent / "moedeploy" / "data" / "heldout" / "tempest.txt"

@@ -78,6 +78,7 @@ class SlotPool:
         self.transfers = None if like is None else transfers_for(torch.device(device or "cpu"), lambda: self.stats,
                                                                  prefetch)
         self.in_flight: dict[int, object] = {}  # slot -> the handle of its prefetch copy, not yet waited for
+        self.ahead: set[Key] = set()  # predicted for a later layer of this step: evicted only if nothing else can be
         self.stats = CacheStats()
         self._now = 0
 
@@ -112,6 +113,7 @@ class SlotPool:
         self._now += 1
         self.policy.tick(self._now)
         needed = set(keys)
+        self.ahead -= needed  # their layer has come
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1
@@ -146,11 +148,18 @@ class SlotPool:
                 if handle is not None:
                     self.in_flight[slot] = handle
 
+    def resident(self, layer: int) -> list[int]:
+        """The experts of `layer` in a slot, or with a prefetch copy in flight into one: `acquire` finds them
+        without a demand miss."""
+        return [e for (l, e) in self.slot_of if l == layer]
+
     def _place(self, key: Key, protected: set[Key]) -> int:
-        """Give `key` a slot, evicting the policy's pick among residents outside `protected`; the copy
-        is the caller's. A slot still being copied into is waited for before it is reused."""
+        """Give `key` a slot, evicting the policy's pick among residents outside `protected` (and, while
+        any other can go, outside `ahead`); the copy is the caller's. A slot still being copied into is
+        waited for before it is reused."""
         if not self.free:
-            victim = self.policy.victim([k for k in self.slot_of if k not in protected and k not in self.pinned])
+            candidates = [k for k in self.slot_of if k not in protected and k not in self.pinned]
+            victim = self.policy.victim([k for k in candidates if k not in self.ahead] or candidates)
             self.free.append(self.slot_of.pop(victim))  # read-only: nothing is copied back
             self.policy.on_evict(victim)
             self.unused_prefetch.discard(victim)
@@ -187,6 +196,7 @@ class SlotPool:
             self.policy.on_evict(key)
             self.free.append(self.slot_of.pop(key))
         self.unused_prefetch.clear()
+        self.ahead.clear()
         self.stats = CacheStats()
         self._now = 0
 

@@ -20,8 +20,6 @@ from pathlib import Path
 from ..cliargs import add_load_options, int_list, load_options, read_text
 from ..errors import MoeDeployError
 
-DEMO_PREDICTOR = Path(__file__).resolve().parent.parent / "data" / "predictor" / "demo.safetensors"
-
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr)
@@ -59,7 +57,7 @@ def _text_chunks(model, texts: list[str], context: int, max_tokens: int | None, 
 def _load_model(args):
     from ..api import load
 
-    return load(args.model, **load_options(args))
+    return load(args.model, **(load_options(args) | {"predictor": None}))  # --predictor is the evaluated one
 
 
 # -- text: SiDA -----------------------------------------------------------------------------------------------
@@ -99,23 +97,15 @@ def _train_text(args) -> int:
 
 
 def _eval_text(args) -> int:
-    from . import files
     from .base import FrequencyPredictor, Known
     from .lookahead import LookaheadPredictor
     from .metrics import Tally
     from .record import run
-    from .sida import SidaPredictor
+    from .sida import DEMO_PREDICTOR, load_for
 
     texts = [read_text(p, "--text") for p in args.text]
     model = _load_model(args)
-    path = args.predictor
-    if path is None:
-        info = files.model_info(model)
-        demo = files.read(DEMO_PREDICTOR, "sida") if DEMO_PREDICTOR.is_file() else None
-        if demo is None or any(demo.model.get(k) != v for k, v in info.items()):
-            raise MoeDeployError("--predictor is required: the shipped predictor is for the demo model only")
-        path = DEMO_PREDICTOR
-    sida = SidaPredictor.load(path, model)
+    sida = load_for(model, args.predictor)
     layers = list(model.moedeploy.layers.values())
     K, L = layers[0].router.top_k, len(layers)
     ks = tuple(int_list(args.k, "--k")) if args.k else (K, 2 * K)
@@ -132,7 +122,7 @@ def _eval_text(args) -> int:
             for name, p in predictors.items():
                 tallies[name].add(p.scores(known), truth, truth[..., 0])
     main = tallies["sida"].summary()
-    out = {"predictor": str(path), "text": [str(p) for p in args.text], "context": args.context, "k": list(ks),
+    out = {"predictor": str(args.predictor or DEMO_PREDICTOR), "text": [str(p) for p in args.text], "context": args.context, "k": list(ks),
            "parameters": sida.parameter_count(), **main,
            "baselines": {name: {k: v for k, v in t.summary().items() if k != "tokens"}
                          for name, t in tallies.items() if name != "sida"}}
@@ -317,7 +307,7 @@ def add_commands(sub) -> None:
     t.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16"))
     t.add_argument("--lookahead", type=int, default=1, help="--trace: layers between knowing and needing (default 1)")
     t.add_argument("--json", action="store_true")
-    add_load_options(t)
+    add_load_options(t, predictor=False)
     t.set_defaults(func=cmd_train)
 
     e = psub.add_parser("eval", help="recall@k and hit rate of a predictor, per layer, with baselines")
@@ -331,7 +321,7 @@ def add_commands(sub) -> None:
     e.add_argument("--max-tokens", type=int, help="--text: score a seeded sample of this many tokens")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
-    add_load_options(e)
+    add_load_options(e, predictor=False)
     e.set_defaults(func=cmd_eval)
 
     f = psub.add_parser("fit", help="fit the co-occurrence table of `simulate --prefetch history` on routing traces")

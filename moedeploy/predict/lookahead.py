@@ -36,9 +36,6 @@ class Lookahead:
         self.target.pool.prefetch([(self.target.pool_index, e) for e in wanted])
 
 
-PREFETCHERS = ("lookahead",)
-
-
 def attach_lookahead(layers: list) -> None:
     """Each MoE layer with a successor in model order prefetches for it (the last one for none)."""
     for layer, successor in itertools.pairwise(layers):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from .base import Known, PredictorError
 from .record import Routed
 
 KIND = "sida"
+DEMO_PREDICTOR = Path(__file__).resolve().parent.parent / "data" / "predictor" / "demo.safetensors"
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,22 @@ class SidaPredictor:
             raise PredictorError(f"predictor file {pf.path} does not hold a SiDA predictor of its header's shape "
                                  f"({str(ex).splitlines()[0]})") from ex
         return cls(net, embedding, pf.model, pf.tensors["frequency"].float(), pf.training)
+
+
+def load_for(model, path=None) -> SidaPredictor:
+    """The SiDA predictor at `path` for `model` (moedeploy.load's), on the model's device; with no path, the
+    shipped one if `model` is the demo model it was trained for."""
+    if path is None:
+        info = files.model_info(model)
+        demo = files.read(DEMO_PREDICTOR, KIND) if DEMO_PREDICTOR.is_file() else None
+        if demo is None or any(demo.model.get(k) != v for k, v in info.items()):
+            raise PredictorError("a SiDA predictor trained for this model is needed (the shipped one is for the demo "
+                                 "model only): train one with `moedeploy predict train --model DIR --text FILE --out "
+                                 "P` and pass predictor=P (--predictor P)")
+        path = DEMO_PREDICTOR
+    predictor = SidaPredictor.load(path, model)
+    predictor.net.to(predictor.embedding.device)
+    return predictor
 
 
 def loss_terms(logits: Tensor, routed_top1: Tensor, top_ids: Tensor, top_logits: Tensor, cfg: SidaConfig):

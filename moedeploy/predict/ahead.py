@@ -1,0 +1,153 @@
+"""SiDA's runtime: a predictor works in its own thread on each step's tokens while the model runs, and
+the whole step's predicted experts go to the cache ahead of need (Du et al., MLSys 2024, adapted).
+
+    step's input_ids [B, S] ─► (predictor thread) SiDA.forward, its LSTM state carried ─► scores [T, L, E]
+        ─► per layer: `rank` = experts by summed probability over the step's tokens  (prefetch)
+                      `top`  = each token's predicted top-K ids [T, L, K]          (routing="predicted")
+    MoE layer i (model thread) ─► `arrive(i)`: the first layer to find the prediction ready (layer 0
+        waits when the routing depends on it) sends layers i..L-1 to their pools' prefetch queues, in
+        layer order, and marks them `ahead` (not evicted for an earlier layer of this step)
+
+A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
+state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
+sequences; a forward that continues a cache continues the state (one `step` per decoded token).
+
+On CUDA the thread works on its own stream; it brings the ranking to the host itself, so the model's
+thread never syncs for it.
+
+This module does not train (sida.py) or decide evictions (cache/pool.py).
+
+Legend: B sequences, S tokens per sequence in this step, T = B * S, L MoE layers, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ROUTING_MODES = ("exact", "resident", "predicted")
+PREFETCHERS = ("lookahead", "sida")
+
+
+@dataclass
+class Prediction:
+    rank: list[list[int]]  # per MoE layer, the experts to prefetch, most wanted first
+    top: Tensor  # [T, L, K] each token's predicted experts (the model's device)
+
+
+@dataclass
+class AheadStats:
+    steps: int = 0
+    predict_s: float = 0.0  # the predictor thread's time
+    wait_s: float = 0.0  # the model thread waiting for a prediction (layer 0 in resident / predicted routing)
+    late_steps: int = 0  # steps whose prediction came after the first MoE layer had started
+
+    def as_dict(self) -> dict:
+        return {"predictor_steps": self.steps, "predictor_s": round(self.predict_s, 4),
+                "predictor_wait_s": round(self.wait_s, 4), "predictor_late_steps": self.late_steps}
+
+
+class Ahead:
+    def __init__(self, predictor, layers: list, prefetch: bool, wait: bool, reach: int | None = None):
+        """predictor: a SidaPredictor for this model; layers: its MoE layers in model order.
+        prefetch: send predictions to the layers' pools. wait: the first MoE layer waits for the
+        prediction (the routing reads it) instead of letting a later layer send it.
+        reach: experts per token and layer that count as predicted for prefetching (default 2K)."""
+        self.predictor = predictor
+        self.layers = layers
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.prefetch, self.wait = prefetch, wait
+        self.K = layers[0].router.top_k
+        self.reach = reach or 2 * self.K
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="moedeploy-predictor")
+        device = predictor.embedding.device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.state = None  # the predictor's state after the last step (sida.State)
+        self.future: Future | None = None
+        self.step: Prediction | None = None
+        self.sent = False
+        self.stats = AheadStats()
+
+    # -- model thread -----------------------------------------------------------------------------------------
+    def hook(self, module, args, kwargs) -> None:
+        """The model's forward pre-hook: start predicting this step."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.future is not None:
+            self.future.result()  # the last step's state is in place (and its errors surface here)
+        self.step, self.sent = None, False
+        if ids is None:  # inputs_embeds: nothing to predict from
+            self.future = None
+            return
+        cache = kv_cache(kwargs)
+        fresh = cache is None or cache.get_seq_length() == 0
+        self.future = self.executor.submit(self._predict, ids, None if fresh else self.state)
+
+    def arrive(self, layer) -> Prediction | None:
+        """MoE layer `layer` is about to route: send the step's prefetches if the prediction is ready
+        (or wait for it), and return the step's prediction (None if it is not ready)."""
+        if self.step is None and self.future is not None:
+            first = self.index[id(layer)] == 0
+            if not self.future.done():
+                if not (first and self.wait):
+                    return None
+                start = time.perf_counter()
+                self.future.result()
+                self.stats.wait_s += time.perf_counter() - start
+            if not first:
+                self.stats.late_steps += 1
+            self.step, self.future = self.future.result(), None
+        if self.step is not None and self.prefetch and not self.sent:
+            self._send(self.index[id(layer)])
+        return self.step
+
+    def allowed(self, layer, tokens: int) -> Tensor:
+        """[T, E] bool: each token's predicted top-K experts at `layer` (routing="predicted")."""
+        step = self.arrive(layer)
+        E = layer.router.num_experts
+        top = step.top[:, self.index[id(layer)]]  # [T, K]
+        assert top.shape[0] == tokens, "the prediction is for this step's tokens"
+        return torch.zeros(tokens, E, dtype=torch.bool, device=top.device).scatter_(1, top, True)
+
+    def _send(self, first: int) -> None:
+        """Layers first..L-1's predicted experts to their pools, in layer order."""
+        self.sent = True
+        for i in range(first, len(self.layers)):
+            layer = self.layers[i]
+            keys = [(layer.pool_index, e) for e in self.step.rank[i]]
+            layer.pool.prefetch(keys)
+            layer.pool.ahead.update(keys[: layer.pool.num_slots])
+
+    # -- predictor thread -----------------------------------------------------------------------------------
+    def _predict(self, ids: Tensor, state) -> Prediction:
+        start = time.perf_counter()
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            scores, self.state = self.predictor.forward(ids, state)  # [B, S, L, E]
+            scores = scores.flatten(0, 1).float()  # [T, L, E]
+            top = scores.topk(self.K, dim=-1).indices  # [T, L, K]
+            reach = scores.topk(min(self.reach, scores.shape[-1]), dim=-1).indices  # [T, L, R]
+            probs = scores.softmax(-1)
+            mass = torch.zeros_like(probs).scatter_(-1, reach, probs.gather(-1, reach)).sum(0)  # [L, E]
+            order = mass.argsort(dim=-1, descending=True, stable=True).cpu()  # [L, E]
+            counts = (mass > 0).sum(-1).cpu()  # [L]
+            if self.stream is not None:
+                self.stream.synchronize()
+        rank = [order[i, : counts[i]].tolist() for i in range(len(self.layers))]
+        self.stats.steps += 1
+        self.stats.predict_s += time.perf_counter() - start
+        return Prediction(rank, top)
+
+    def reset(self) -> None:
+        if self.future is not None:
+            self.future.result()
+        self.future, self.step, self.state, self.stats = None, None, None, AheadStats()
+
+
+def kv_cache(kwargs: dict):
+    """The KV cache a forward was given: `cache` (transformers >= 5.24) or `past_key_values` (before)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache

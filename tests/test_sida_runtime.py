@@ -1,0 +1,170 @@
+"""SiDA at run time (predict/ahead.py): the predictor thread prefetches a step's experts and never changes
+an exact result; `resident` and `predicted` routing choose among what they may, never wait for a demand
+copy, and report how far they departed from the router."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import moedeploy
+from moedeploy import OptionError
+from moedeploy.predict.base import PredictorError
+from moedeploy.predict.sida import DEMO_PREDICTOR
+from moedeploy.routing import Router, SoftmaxTopK
+
+PROMPT = torch.tensor([[11, 402, 93, 1180, 7, 55, 2048, 301, 19, 640, 8, 77]])
+
+
+def run(model, ids=PROMPT, new=10):
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the streaming notice (a prompt needs more experts than the slots)
+        logits = model(input_ids=ids).logits
+        tokens = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    return logits, tokens
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run(moedeploy.load())
+
+
+@pytest.mark.parametrize("store", ["host", "disk"])
+@pytest.mark.parametrize("scope", ["layer", "global"])
+@pytest.mark.parametrize("policy", ["lru", "lifo"])
+def test_exact_routing_with_sida_prefetch_is_bit_identical(reference, policy, scope, store):
+    for budget in (0.1, 0.25):
+        model = moedeploy.load(expert_memory=budget, policy=policy, cache_scope=scope, expert_store=store,
+                               prefetch="sida")
+        logits, tokens = run(model)
+        assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1]), (budget, policy, scope, store)
+        stats, cache = model.moedeploy.stats(), model.moedeploy.cache_stats()
+        assert stats["routing"] == "exact" and "departed_pairs" not in stats
+        assert stats["predictor_steps"] == 11  # the logits forward, the prompt, 9 decode steps
+        assert cache["prefetched"] > 0 and cache["prefetch_hits"] > 0
+
+
+def test_a_wrong_predictor_changes_nothing_but_the_hits(reference):
+    model = moedeploy.load(expert_memory=0.25, prefetch="sida")
+    torch.nn.init.normal_(model.moedeploy.ahead.predictor.net.head.weight, std=3.0)  # confidently wrong
+    logits, tokens = run(model)
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+    assert model.moedeploy.cache_stats()["prefetched"] > 0
+
+
+def test_sida_prefetch_saves_demand_misses_on_the_demo_model():
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
+    ids = tokenizer("ROMEO. But soft, what light through yonder window breaks?", return_tensors="pt").input_ids
+    misses = {}
+    for prefetch in (None, "sida"):
+        model = moedeploy.load(expert_memory=0.2, prefetch=prefetch)
+        run(model, ids, new=30)
+        misses[prefetch] = model.moedeploy.cache_stats()["misses"]
+    assert misses["sida"] < misses[None] * 0.8, misses  # the thread's timing moves it; measured ~0.4x in bench
+
+
+def test_the_predictor_state_follows_the_kv_cache():
+    """Decode continues the predictor's state, a new generate starts it afresh: each step's prediction
+    equals the predictor run over the whole sequence so far (transformers passes the KV cache as `cache`,
+    before 5.24 `past_key_values`: predict/ahead.kv_cache reads either, and this fails if neither arrives)."""
+    model = moedeploy.load(routing="predicted")
+    predictor = model.moedeploy.ahead.predictor
+    seen = []
+    forward = predictor.forward
+
+    def spy(ids, state=None):
+        scores, state = forward(ids, state)
+        seen.append(scores[0])  # [S, L, E]
+        return scores, state
+
+    predictor.forward = spy
+    for _ in range(2):  # the second generate must not continue the first one's state
+        seen.clear()
+        _, tokens = run(model, new=5)
+    want, _ = forward(tokens[:, :-1])  # [1, S, L, E]: the whole sequence at once
+    got = torch.cat(seen[1:])  # the prompt, then one row per decode step
+    torch.testing.assert_close(got, want[0], atol=1e-4, rtol=1e-4)
+
+
+def test_resident_routing_never_misses_and_reports_its_departures(reference):
+    model = moedeploy.load(expert_memory=0.2, prefetch="sida", routing="resident")
+    run(model)
+    cache, stats = model.moedeploy.cache_stats(), model.moedeploy.stats()
+    assert cache["misses"] == 0 and cache["hits"] > 0
+    assert stats["routing"] == "resident" and 0 < stats["departed_fraction"] < 1
+    assert 0 < stats["departed_weight_per_token"] < 1
+    unbudgeted = moedeploy.load(routing="resident")  # every expert resident: the router's own choice
+    logits, tokens = run(unbudgeted)
+    assert torch.equal(logits, reference[0]) and torch.equal(tokens, reference[1])
+    assert unbudgeted.moedeploy.stats()["departed_pairs"] == 0
+
+
+def test_predicted_routing_uses_the_predictors_experts_only():
+    model = moedeploy.load(routing="predicted")
+    ahead, chosen = model.moedeploy.ahead, []
+    for layer in model.moedeploy.layers.values():
+        layer.recorder = lambda routing, layer=layer: chosen.append((layer, routing.ids))
+    run(model, new=3)
+    assert chosen
+    # the last step's routing (one token per layer) against that step's prediction
+    last = chosen[-len(model.moedeploy.layers):]
+    for i, (layer, ids) in enumerate(last):
+        predicted = set(ahead.step.top[0, i].tolist())
+        assert set(ids[0].tolist()) <= predicted
+    stats = model.moedeploy.stats()
+    assert stats["routing"] == "predicted" and stats["departed_fraction"] > 0
+
+
+def test_restrict_keeps_the_rules_weights_over_what_is_allowed():
+    torch.manual_seed(0)
+    router = Router(SoftmaxTopK(top_k=2, renormalize=True), torch.randn(6, 8))
+    x = torch.randn(5, 8)
+    exact, same = router.restrict(x, torch.ones(6, dtype=torch.bool))
+    assert torch.equal(exact.ids, same.ids) and torch.equal(exact.weights, same.weights)
+    allowed = torch.tensor([True, False, True, False, True, False])
+    _, chosen = router.restrict(x, allowed)
+    probs = torch.softmax(router.logits(x), -1)[:, allowed]  # [T, 3]
+    top = probs.topk(2, -1)
+    assert torch.equal(chosen.ids, torch.tensor([0, 2, 4])[top.indices])
+    torch.testing.assert_close(chosen.weights, top.values / top.values.sum(-1, keepdim=True))
+    _, few = router.restrict(x, torch.tensor([False, False, False, True, False, False]))  # fewer than K allowed
+    assert (few.ids[:, 0] == 3).all() and (few.ids[:, 1] == 6).all() and (few.weights[:, 1] == 0).all()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(routing="guessed"), "unknown routing 'guessed'"),
+    (dict(predictor=str(DEMO_PREDICTOR)), "predictor applies to prefetch='sida' or routing='predicted'"),
+    (dict(routing="resident", gating="static"), "runs with dynamic gating"),
+])
+def test_bad_routing_options_are_refused(options, message):
+    with pytest.raises(OptionError, match=message):
+        moedeploy.load(**options)
+
+
+def test_a_model_without_a_predictor_is_told_how_to_train_one(tiny):
+    with pytest.raises(PredictorError, match="moedeploy predict train"):
+        moedeploy.load(tiny("qwen3_moe"), expert_memory=0.5, prefetch="sida")
+    with pytest.raises(PredictorError, match="trained for a model with"):
+        moedeploy.load(tiny("qwen3_moe"), routing="predicted", predictor=str(DEMO_PREDICTOR))
+
+
+def test_capacity_routers_refuse_departing_routing(tiny):
+    with pytest.raises(OptionError, match="SwitchTop1"):
+        moedeploy.load(tiny("switch_transformers"), routing="resident")
+
+
+def test_eval_ppl_reports_departures(tmp_path, capsys):
+    from moedeploy.cli import main
+
+    text = tmp_path / "t.txt"
+    text.write_text("ROMEO. But soft, what light through yonder window breaks? It is the east. " * 3)
+    assert main(["eval-ppl", "--text", str(text), "--decode", "--expert-memory", "0.2", "--prefetch", "sida",
+                 "--routing", "resident", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["routing"]["routing"] == "resident" and out["routing"]["departed_pairs"] > 0
+    assert out["cache"]["misses"] == 0 and out["perplexity"] > 1
