@@ -177,6 +177,7 @@ def cmd_make_tiny(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .bench import cache as bench_cache
     from .bench import decode as bench_decode
+    from .bench import predict as bench_predict
     from .bench import layer as bench_layer
     from .bench import offload as bench_offload
     from .bench import parallel as bench_parallel
@@ -210,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("serve", bench_serve, "the server under concurrent load vs transformers (serve) and llama-server"),
             ("quant", bench_quant, "quantized experts: held-out perplexity, bytes, decode speed, greedy agreement"),
             ("decode", bench_decode, "CPU decode speed vs the memory-bandwidth bound and vs llama.cpp (llama-bench)"),
+            ("predict", bench_predict, "SiDA at run time: predictor cost, prefetch under budgets, routing modes' quality"),
             ("parallel", bench_parallel, "expert-parallel throughput with 1, 2, 4 ranks per placement (torchrun)")):
         bp = bsub.add_parser(name, help=summary)
         module.add_arguments(bp)

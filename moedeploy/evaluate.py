@@ -49,10 +49,11 @@ class ExpertLoad:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text: str, context: int = 256, batch: int = 8, decode: bool = False,
-               progress: bool = False) -> Perplexity:
-    """decode: score each window one token per forward with a KV cache, as generation runs (what expert
+               progress: bool = False, limit: int | None = None) -> Perplexity:
+    """limit: only the text's first `limit` tokens (bits per byte then over the whole text's bytes: compare
+    perplexities only). decode: score each window one token per forward with a KV cache, as generation runs (what expert
     budgets, prefetchers and routing modes see then), one window at a time; else a window per forward."""
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)[:limit]
     n = (ids.numel() // context) * context
     windows = ids[:n].view(-1, context)  # [W, C]; the ragged tail is scored as one shorter window
     batch = 1 if decode else batch

@@ -11,19 +11,23 @@ import torch
 class TokenClock:
     """A transformers streamer that timestamps the prompt and every generated token."""
 
-    def __init__(self):
+    def __init__(self, on_first=None):
         self.times: list[float] = []
+        self.on_first = on_first  # called when the first new token arrives (the prompt step is over)
 
     def put(self, value):
         self.times.append(time.perf_counter())
+        if len(self.times) == 2 and self.on_first is not None:
+            self.on_first()
 
     def end(self):
         pass
 
 
-def decode_rate(model, ids, new_tokens: int) -> tuple[float, torch.Tensor]:
-    """Greedy-generate exactly `new_tokens` after `ids`; return (decode tokens/s after the first new token, output)."""
-    clock = TokenClock()
+def decode_rate(model, ids, new_tokens: int, on_first=None) -> tuple[float, torch.Tensor]:
+    """Greedy-generate exactly `new_tokens` after `ids`; return (decode tokens/s after the first new token, output).
+    on_first: called once the prompt step is over (to separate its statistics from the decode steps')."""
+    clock = TokenClock(on_first)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the streaming notice at small budgets
         out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,

@@ -168,3 +168,33 @@ def test_eval_ppl_reports_departures(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["routing"]["routing"] == "resident" and out["routing"]["departed_pairs"] > 0
     assert out["cache"]["misses"] == 0 and out["perplexity"] > 1
+
+
+def test_the_engine_predicts_per_request_and_stays_exact():
+    """Packed steps (many requests' chunks in one row) continue each request's own predictor state; with exact
+    routing the engine's outputs are the resident model's."""
+    from transformers import AutoTokenizer
+
+    from moedeploy.engine import Engine, EngineConfig, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
+    prompts = [tokenizer(t).input_ids for t in ("ROMEO. But soft,", "The king is dead, and the queen",
+                                                 "Of man's first disobedience, and the fruit of that forbidden")]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [o.tokens for o in Engine(moedeploy.load(), tokenizer).generate(prompts, greedy)]
+    model = moedeploy.load(expert_memory=0.25, prefetch="sida")
+    ahead, parts = model.moedeploy.ahead, []
+    predict = ahead._predict
+    ahead._predict = lambda p, live: (parts.append([(k, ids.shape[1], fresh) for k, ids, fresh in p]), predict(p, live))[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [o.tokens for o in Engine(model, tokenizer, EngineConfig(max_batch_tokens=8, max_running=3)).generate(
+            prompts, greedy)]
+    assert got == want
+    seen = {}  # request -> tokens predicted so far: a request is fresh exactly at its first chunk
+    for step in parts:
+        for key, n, fresh in step:
+            assert fresh == (key not in seen)
+            seen[key] = seen.get(key, 0) + n
+    assert sorted(seen.values()) == sorted(len(p) + 7 for p in prompts)  # the prompt, then 7 decode steps
+    assert len(ahead.states) <= 3

@@ -10,7 +10,9 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
 
 A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
 state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
-sequences; a forward that continues a cache continues the state (one `step` per decoded token).
+sequences; a forward that continues a cache continues the state (one `step` per decoded token). In the
+engine's packed steps (engine/runner.py) each request's chunk continues that request's own state, and
+the states of ended requests are dropped.
 
 On CUDA the thread works on its own stream; it brings the ranking to the host itself, so the model's
 thread never syncs for it.
@@ -67,7 +69,8 @@ class Ahead:
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moedeploy-predictor")
         device = predictor.embedding.device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.state = None  # the predictor's state after the last step (sida.State)
+        self.states: dict = {}  # the predictor's state per sequence (sida.State): None for model.generate's batch,
+        # a request id for the engine's packed steps
         self.future: Future | None = None
         self.step: Prediction | None = None
         self.sent = False
@@ -83,9 +86,15 @@ class Ahead:
         if ids is None:  # inputs_embeds: nothing to predict from
             self.future = None
             return
-        cache = kv_cache(kwargs)
-        fresh = cache is None or cache.get_seq_length() == 0
-        self.future = self.executor.submit(self._predict, ids, None if fresh else self.state)
+        packed = kwargs.get("packed_kv")  # the engine's step: many requests' chunks in one row (engine/kv.py)
+        if packed is not None:
+            parts = [(request, ids[:, first : first + n], length == n)  # fresh: the request's first chunk
+                     for (request, first, n), (_, length) in zip(packed.segments, packed.spans, strict=True)]
+            live = set(packed.regions)
+        else:
+            cache = kv_cache(kwargs)
+            parts, live = [(None, ids, cache is None or cache.get_seq_length() == 0)], None
+        self.future = self.executor.submit(self._predict, parts, live)
 
     def arrive(self, layer) -> Prediction | None:
         """MoE layer `layer` is about to route: send the step's prefetches if the prediction is ready
@@ -123,11 +132,17 @@ class Ahead:
             layer.pool.ahead.update(keys[: layer.pool.num_slots])
 
     # -- predictor thread -----------------------------------------------------------------------------------
-    def _predict(self, ids: Tensor, state) -> Prediction:
+    def _predict(self, parts: list[tuple], live: set | None) -> Prediction:
+        """parts: (sequence key, ids [B, S], fresh) in the step's row order; live: the keys still running."""
         start = time.perf_counter()
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            scores, self.state = self.predictor.forward(ids, state)  # [B, S, L, E]
-            scores = scores.flatten(0, 1).float()  # [T, L, E]
+            rows = []
+            for key, ids, fresh in parts:
+                scores, self.states[key] = self.predictor.forward(ids, None if fresh else self.states.get(key))
+                rows.append(scores.flatten(0, 1))  # [B * S, L, E]
+            if live is not None:
+                self.states = {k: v for k, v in self.states.items() if k in live}
+            scores = torch.cat(rows).float()  # [T, L, E]
             top = scores.topk(self.K, dim=-1).indices  # [T, L, K]
             reach = scores.topk(min(self.reach, scores.shape[-1]), dim=-1).indices  # [T, L, R]
             probs = scores.softmax(-1)
@@ -144,7 +159,7 @@ class Ahead:
     def reset(self) -> None:
         if self.future is not None:
             self.future.result()
-        self.future, self.step, self.state, self.stats = None, None, None, AheadStats()
+        self.future, self.step, self.states, self.stats = None, None, {}, AheadStats()
 
 
 def kv_cache(kwargs: dict):

@@ -1,0 +1,196 @@
+"""`moedeploy bench predict`: SiDA at run time on the demo model, against no prefetch and the lookahead, in one run.
+
+Three parts, each on the held-out plays (never tuned on):
+
+- cost: the predictor's parameters and its time per decode step (one token, state carried) against the
+  model's own decode step, both measured here, one after the other, medians.
+- decode: per budget (fraction of expert bytes), greedy generation of --new-tokens after a prompt taken
+  from the held-out text, each configuration once per round, rounds interleaved (drift hits all alike),
+  every round from an empty cache. Configurations: no prefetch (LRU), lookahead, sida (exact routing),
+  sida + resident routing, sida + predicted routing. Reported: decode tokens/s and its ratio to no
+  prefetch at the same budget, demand misses, prefetches and stall time per token, departures from the
+  router, and whether exact configurations generated the resident model's tokens.
+- quality: perplexity in decode order (one token per forward with a KV cache, as generation runs) over
+  the first --max-tokens tokens of the held-out text, for exact routing, predicted routing (independent
+  of the budget) and resident routing per budget; the change against exact and the departures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .layer import machine
+
+HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "heldout"
+PLAYS = ("tempest.txt", "twelfth_night.txt")
+CONFIGS = {  # name -> load options beside the budget
+    "no prefetch": {},
+    "lookahead": {"prefetch": "lookahead"},
+    "sida": {"prefetch": "sida"},
+    "sida resident": {"prefetch": "sida", "routing": "resident"},
+    "sida predicted": {"prefetch": "sida", "routing": "predicted"},
+}
+
+
+def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
+    """The predictor's time per decode step against the model's (ms, medians over `steps`)."""
+    from ..predict.sida import load_for
+
+    predictor = load_for(model)
+    name = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+    times = {"predictor": [], "model": []}
+    with torch.inference_mode():
+        _, state = predictor.forward(ids)
+        out = model(input_ids=ids, use_cache=True)
+        token = ids[:, -1:]
+        for _ in range(steps):
+            start = time.perf_counter()
+            _, state = predictor.forward(token, state)
+            times["predictor"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            out = model(input_ids=token, use_cache=True, **{name: out[name]})
+            times["model"].append(time.perf_counter() - start)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"predictor_parameters": predictor.parameter_count(), "model_parameters": sum(
+        p.numel() for p in model.parameters()) + sum(layer.experts.parameter_count() for layer in
+                                                       model.moedeploy.layers.values()),
+            "predictor_ms_per_step": round(ms["predictor"], 3), "model_ms_per_step": round(ms["model"], 3),
+            "predictor_share": round(ms["predictor"] / ms["model"], 3)}
+
+
+def decode(budgets, ids, new_tokens: int, rounds: int) -> list[dict]:
+    from ..api import load
+    from ..timing import decode_rate
+
+    resident = load()
+    models = {(None, "resident"): resident} | {(b, name): load(expert_memory=b, **opts)
+                                               for b in budgets for name, opts in CONFIGS.items()}
+    rates = {key: [] for key in models}
+    last = {}
+    for _ in range(rounds):
+        for key, model in models.items():
+            model.moedeploy.empty_cache()
+            model.moedeploy.reset_stats()
+            prompt = {}  # the statistics once the prompt step is over: the decode steps' are the difference
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the streaming notice of the prompt step
+                rate, out = decode_rate(model, ids, new_tokens, on_first=lambda m=model, p=prompt: p.update(
+                    cache=m.moedeploy.cache_stats(), stats=m.moedeploy.stats()))
+            rates[key].append(rate)
+            last[key] = (out, _since(prompt["cache"], model.moedeploy.cache_stats()),
+                         _since(prompt["stats"], model.moedeploy.stats()))
+    rows = []
+    steps = new_tokens - 1  # decode steps after the first new token
+    for (budget, name), _model in models.items():
+        out, cache, stats = last[(budget, name)]
+        rate = statistics.median(rates[(budget, name)])
+        base = statistics.median(rates[(budget, "no prefetch")]) if budget is not None else rate
+        row = {"budget": budget, "config": name, "decode_tokens_per_s": round(rate, 2),
+               "vs_no_prefetch": round(rate / base, 3),
+               "same_tokens_as_resident": bool(torch.equal(out, last[(None, "resident")][0]))}
+        if cache is not None:
+            row |= {"misses_per_token": round(cache["misses"] / steps, 3),
+                    "prefetched_per_token": round(cache["prefetched"] / steps, 3),
+                    "useful_prefetches_per_token": round(cache["prefetch_hits"] / steps, 3),
+                    "stall_ms_per_token": round(cache["stall_s"] / steps * 1e3, 3)}
+        if "departed_pairs" in stats:
+            row["departed_fraction"] = round(stats["departed_pairs"] / max(stats["routed_pairs"], 1), 4)
+        rows.append(row)
+    return rows
+
+
+def _since(before: dict | None, after: dict | None) -> dict | None:
+    """The counters of `after` less those of `before` (decode steps only)."""
+    if after is None:
+        return None
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def quality(budgets, text: str, max_tokens: int, context: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from ..api import DEMO_MODEL, load
+    from ..evaluate import perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    runs = [(None, {}), (None, {"routing": "predicted"})] + [
+        (b, {"expert_memory": b, "prefetch": "sida", "routing": "resident"}) for b in budgets]
+    rows, exact = [], None
+    for budget, opts in runs:
+        model = load(**opts)
+        start = time.perf_counter()
+        result = perplexity(model, tokenizer, text, context=context, decode=True, limit=max_tokens, progress=True)
+        stats, cache = model.moedeploy.stats(), model.moedeploy.cache_stats()
+        exact = exact or result.perplexity
+        rows.append({"budget": budget, "routing": stats["routing"], "tokens": result.tokens,
+                     "perplexity": round(result.perplexity, 4),
+                     "change_vs_exact": round(result.perplexity / exact - 1, 5),
+                     "departed_fraction": round(stats.get("departed_fraction", 0.0), 4),
+                     "departed_weight_per_token": round(stats.get("departed_weight_per_token", 0.0), 4),
+                     "demand_misses": None if cache is None else cache["misses"],
+                     "seconds": round(time.perf_counter() - start, 1)})
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budgets", default="0.1,0.2,0.5", help="fractions of all expert bytes")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, from the held-out text")
+    parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens scored per quality run")
+    parser.add_argument("--context", type=int, default=256, help="tokens per scored window")
+    parser.add_argument("--parts", default="cost,decode,quality", help="which parts to run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from ..api import DEMO_MODEL, load
+    from ..errors import MoeDeployError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    if not parts <= {"cost", "decode", "quality"}:
+        raise MoeDeployError(f"--parts takes cost, decode and quality, got {args.parts!r}")
+    text = "".join((HELD_OUT / name).read_text(encoding="utf-8") for name in PLAYS)
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    ids = tokenizer(text[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    report = {"benchmark": "moedeploy bench predict", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "machine": asdict(machine()), "text": list(PLAYS), "new_tokens": args.new_tokens, "rounds": args.rounds}
+    if "cost" in parts:
+        report["cost"] = cost(load(), ids)
+        _print(args, "cost", [report["cost"]])
+    if "decode" in parts:
+        report["decode"] = decode(budgets, ids, args.new_tokens, args.rounds)
+        _print(args, "decode", report["decode"])
+    if "quality" in parts:
+        report["quality"] = quality(budgets, text, args.max_tokens, args.context)
+        _print(args, "quality", report["quality"])
+    print(json.dumps(report))
+    exact = [r for r in report.get("decode", []) if r["config"] in ("no prefetch", "lookahead", "sida")]
+    return 0 if all(r["same_tokens_as_resident"] for r in exact) else 1
+
+
+def _print(args, title: str, rows: list[dict]) -> None:
+    if args.json or not rows:
+        return
+    print(f"== {title}")
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join(str(r.get(k, "-")) for k in keys))
