@@ -8,7 +8,6 @@ conservative and fast.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -72,7 +71,9 @@ def perplexity(model, tokenizer, text: str, context: int = 256, batch: int = 8, 
 
 def _decoded_logits(model, chunk: torch.Tensor) -> torch.Tensor:
     """chunk [B, C] -> logits [B, C, V], one token per forward, the KV cache carried."""
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # >= 5.24: cache
+    from .engine.runner import cache_keyword
+
+    name = cache_keyword(model)
     out = model(input_ids=chunk[:, :1], use_cache=True)
     logits = [out.logits]
     for t in range(1, chunk.shape[1]):

@@ -42,10 +42,11 @@ CONFIGS = {  # name -> load options beside the budget
 
 def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
     """The predictor's time per decode step against the model's (ms, medians over `steps`)."""
+    from ..engine.runner import cache_keyword
     from ..predict.sida import load_for
 
     predictor = load_for(model)
-    name = "cache" if "cache" in model.forward.__code__.co_varnames else "past_key_values"
+    name = cache_keyword(model)
     times = {"predictor": [], "model": []}
     with torch.inference_mode():
         _, state = predictor.forward(ids)
@@ -89,7 +90,7 @@ def decode(budgets, ids, new_tokens: int, rounds: int) -> list[dict]:
                          _since(prompt["stats"], model.moedeploy.stats()))
     rows = []
     steps = new_tokens - 1  # decode steps after the first new token
-    for (budget, name), _model in models.items():
+    for budget, name in models:
         out, cache, stats = last[(budget, name)]
         rate = statistics.median(rates[(budget, name)])
         base = statistics.median(rates[(budget, "no prefetch")]) if budget is not None else rate

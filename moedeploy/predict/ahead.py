@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .base import PredictorError
+
 ROUTING_MODES = ("exact", "resident", "predicted")
 PREFETCHERS = ("lookahead", "sida")
 
@@ -117,6 +119,9 @@ class Ahead:
     def allowed(self, layer, tokens: int) -> Tensor:
         """[T, E] bool: each token's predicted top-K experts at `layer` (routing="predicted")."""
         step = self.arrive(layer)
+        if step is None:
+            raise PredictorError("routing='predicted' predicts from token ids: call the model with input_ids, not "
+                                 "inputs_embeds")
         E = layer.router.num_experts
         top = step.top[:, self.index[id(layer)]]  # [T, K]
         assert top.shape[0] == tokens, "the prediction is for this step's tokens"
