@@ -21,6 +21,14 @@ def read_text(path: str, flag: str) -> str:
     return text
 
 
+def fractions(text: str, flag: str = "--budgets") -> list[float]:
+    """'0.1,0.25' from the command line -> [0.1, 0.25], or a clear error naming the flag."""
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as ex:
+        raise MoeDeployError(f"{flag} takes comma-separated fractions, got {text!r}") from ex
+
+
 def int_list(text: str, flag: str) -> list[int]:
     """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag."""
     try:

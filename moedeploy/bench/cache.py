@@ -86,14 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import MoeDeployError
+    from ..cliargs import fractions
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    budgets = fractions(args.budgets)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows = bench(args.model, budgets, policies, args.new_tokens, args.rounds, args.prompt)

@@ -271,15 +271,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import DEMO_MODEL
+    from ..cliargs import fractions
     from ..errors import MoeDeployError
 
     if importlib.util.find_spec("accelerate") is None:
         raise MoeDeployError("bench offload compares with transformers + accelerate: pip install accelerate "
                              "(or pip install -e '.[bench]')")
-    try:
-        args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    args.budgets = fractions(args.budgets)
     args.prefetch = [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",") if p.strip()]
     args.expert_dtypes = [None if q.strip() == "none" else q.strip() for q in args.expert_dtype.split(",") if q.strip()]
     args.model_path = Path(args.model) if args.model else DEMO_MODEL

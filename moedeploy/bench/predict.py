@@ -157,14 +157,12 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from ..api import DEMO_MODEL, load
+    from ..cliargs import fractions
     from ..errors import MoeDeployError
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
-    except ValueError as ex:
-        raise MoeDeployError(f"--budgets takes comma-separated fractions, got {args.budgets!r}") from ex
+    budgets = fractions(args.budgets)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     if not parts <= {"cost", "decode", "quality"}:
         raise MoeDeployError(f"--parts takes cost, decode and quality, got {args.parts!r}")
