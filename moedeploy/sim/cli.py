@@ -1,5 +1,5 @@
 """`moedeploy simulate`: replay a routing trace through the expert cache, one point or a sweep, with or
-without prefetching (`--prefetch history`, prefetch.py). Also registers `moedeploy predict` (predict/cli.py)."""
+without prefetching (`--prefetch history|sida`, prefetch.py; the scores from scores.py). Also registers `moedeploy predict` (predict/cli.py)."""
 
 from __future__ import annotations
 
@@ -60,15 +60,20 @@ def _prefetch_config(args, policy: str):
 
 
 def _simulate_prefetch(args, trace, capacities: list[int], cost) -> int:
-    from ..predict.history import HistoryPredictor
+    from . import scores
     from .prefetch import EVICTIONS, replay_prefetch
 
-    if args.prefetch != "history":
-        raise MoeDeployError(f"unknown --prefetch {args.prefetch!r}; choose none or history")
     policies = EVICTIONS if args.sweep else (args.policy,)
-    predictor = HistoryPredictor.load(args.predictor) if args.predictor else None
+    cfg = _prefetch_config(args, policies[0])
+    if args.prefetch == "history" and args.predictor and Path(args.predictor).suffix != ".npz" and args.lookahead is None:
+        from ..predict.routenet import (
+            RouteNet,  # a trained trace predictor: its own lookahead unless one is given
+        )
+
+        cfg = replace(cfg, score=replace(cfg.score, lookahead=RouteNet.load(args.predictor).cfg.lookahead))
+    S = scores.of(trace, args.prefetch, args.predictor, cfg.score, args.model)
     belady = {c: replay(trace, "belady", c, cost).misses for c in capacities}
-    results = [replay_prefetch(trace, c, predictor, _prefetch_config(args, p), cost, belady[c])
+    results = [replay_prefetch(trace, c, None, replace(cfg, evict=p), cost, belady[c], S=S)
                for p in policies for c in capacities]
     out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "prefetch": args.prefetch,
            "predictor": args.predictor, "cost_model": cost.__dict__, "results": [r.as_dict() for r in results]}
@@ -120,10 +125,13 @@ def add_commands(sub) -> None:
     s.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: DeepSeek-V2-Lite in bf16)")
     s.add_argument("--link-gbps", type=float, help="host-to-device bandwidth, GB/s (default 25)")
     s.add_argument("--memory-gbps", type=float, help="device memory bandwidth, GB/s (default 2000)")
-    s.add_argument("--prefetch", default="none", help="none (default) or history: prefetch what the trace-history "
-                   "predictor scores highest; --sweep then runs evictions lru and predicted")
-    s.add_argument("--predictor", help="with --prefetch history: a file from `moedeploy predict fit` (its counts "
-                   "are the prior; without one the predictor learns online only)")
+    s.add_argument("--prefetch", default="none", help="none (default), history (a trace-history predictor) or sida "
+                   "(SiDA's over the trace's token ids): prefetch what it scores highest; --sweep then runs evictions "
+                   "lru and predicted (lookahead needs hidden states: refused)")
+    s.add_argument("--predictor", help="with history: a .npz from `moedeploy predict fit` (its counts are the prior; "
+                   "without one the table learns online only) or a .safetensors from `moedeploy predict train --trace`; "
+                   "with sida: a SiDA predictor (default: the demo model's)")
+    s.add_argument("--model", help="with --prefetch sida: the model the trace was recorded from (default the demo)")
     s.add_argument("--lookahead", type=int, help="layers between issuing a prefetch and its use (default 1)")
     s.add_argument("--prefetch-width", type=int, help="at most this many experts prefetched per layer (default 6)")
     s.add_argument("--prefetch-threshold", type=float, help="prefetch only experts scoring at least this")

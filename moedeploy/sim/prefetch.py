@@ -113,7 +113,9 @@ def plan(score: np.ndarray, value: np.ndarray, resident: set[int], capacity: int
 
 
 def replay_prefetch(trace: Trace, capacity: int, predictor: HistoryPredictor | None, cfg: PrefetchConfig = PrefetchConfig(),
-                    cost: CostModel = CostModel(), belady_misses: int | None = None) -> PrefetchResult:
+                    cost: CostModel = CostModel(), belady_misses: int | None = None,
+                    S: np.ndarray | None = None) -> PrefetchResult:
+    """S [N, L, E]: the prefetch scores from another source (sim/scores.py); else the history table's."""
     E, K = trace.meta.num_experts, trace.meta.top_k
     experts = trace.experts.astype(np.int64)  # [N, L, K]
     N, L, _ = experts.shape
@@ -126,7 +128,8 @@ def replay_prefetch(trace: Trace, capacity: int, predictor: HistoryPredictor | N
         raise OptionError(f"prefetch width must be 0 or more experts, got {cfg.width}")
     if predictor is not None:
         predictor.check(L, E, K, d)
-    S = scores(predictor, experts, E, cfg.score)  # [N, L, E]
+    if S is None:
+        S = scores(predictor, experts, E, cfg.score)  # [N, L, E]
     R = recency(experts, E, cfg.evict_decay) if cfg.evict == "predicted" else None  # [N, L, E]
     policies = [Predicted(E) if cfg.evict == "predicted" else make_policy("lru") for _ in range(L)]
     pools = [SlotPool(capacity, p, None, expert_bytes=cost.expert_bytes) for p in policies]
