@@ -7,6 +7,8 @@ import json
 
 import numpy as np
 import pytest
+from test_predict_sida import synthetic_routing
+from test_sim import trace_of
 
 from moedeploy.cli import main
 from moedeploy.errors import MoeDeployError
@@ -16,8 +18,6 @@ from moedeploy.predict.routenet import TrainConfig as RouteTrain
 from moedeploy.predict.routenet import train as train_routenet
 from moedeploy.sim import replay, scores
 from moedeploy.sim.prefetch import PrefetchConfig, replay_prefetch
-from test_predict_sida import synthetic_routing
-from test_sim import trace_of
 
 
 @pytest.fixture(scope="module")
