@@ -9,7 +9,7 @@ mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error
 python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; print(torch.__version__, torch.cuda.get_device_name())' || exit 2
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --timeout 300 tests/test_cache.py -k "cuda or identical" 2>&1 | tee "$out/cuda-tests.log"
+python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --timeout 300 tests/test_cache.py tests/test_sida_runtime.py -k "cuda or identical" 2>&1 | tee "$out/cuda-tests.log"
 tests=$?
 # The same 2.4 GB random Qwen3-MoE as the CPU run in docs/benchmarks.md ("End to end").
 python3 -m moedeploy make-tiny --family qwen3_moe --out /tmp/wide --set hidden_size=1024 --set num_hidden_layers=6 \

@@ -198,3 +198,18 @@ def test_the_engine_predicts_per_request_and_stays_exact():
             seen[key] = seen.get(key, 0) + n
     assert sorted(seen.values()) == sorted(len(p) + 7 for p in prompts)  # the prompt, then 7 decode steps
     assert len(ahead.states) <= 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_cuda_sida_prefetch_is_bit_identical(scope):
+    """On CUDA the predictor works on its own stream and prefetches run on the side stream."""
+    ids = PROMPT.cuda()
+    want = run(moedeploy.load(device="cuda"), ids)
+    model = moedeploy.load(device="cuda", expert_memory=0.25, cache_scope=scope, prefetch="sida")
+    got = run(model, ids)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert model.moedeploy.cache_stats()["prefetched"] > 0
+    predicted = moedeploy.load(device="cuda", expert_memory=0.25, prefetch="sida", routing="predicted")
+    run(predicted, ids)
+    assert predicted.moedeploy.cache_stats()["misses"] < model.moedeploy.cache_stats()["misses"]
