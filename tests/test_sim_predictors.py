@@ -75,3 +75,36 @@ def test_sida_in_the_simulator_on_a_trace_of_the_demo_model(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     plain = {r["hits"] + r["misses"] for r in out["results"]}
     assert len(plain) == 1 and all(r["prefetched"] > 0 for r in out["results"])
+
+
+def test_simulate_with_a_trained_predictor_says_what_it_took_from_it(routed, tmp_path, capsys):
+    """The CLI takes the predictor's lookahead and its own threshold default, says so, and refuses another lookahead."""
+    from moedeploy.sim.prefetch import ROUTENET_THRESHOLD
+    from moedeploy.trace.io import write_trace
+
+    trace, path = routed
+    file = write_trace(trace, tmp_path / "t.parquet")
+    args = ["simulate", "--trace", str(file), "--prefetch", "history", "--predictor", str(path), "--capacity", "8"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert any("lookahead 1" in n for n in out["notes"]) and any("threshold" in n for n in out["notes"])
+    assert [(r["lookahead"], r["threshold"]) for r in out["results"]] == [(1, ROUTENET_THRESHOLD)]
+    assert main([*args, "--prefetch-threshold", "0.3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"][0]["threshold"] == 0.3
+    assert main([*args, "--lookahead", "2"]) != 0
+    assert "predicts 1 layer" in capsys.readouterr().err
+
+
+def test_history_refuses_a_predictor_of_another_kind(routed, tmp_path, capsys):
+    import torch
+
+    from moedeploy.predict import files
+    from moedeploy.trace.io import write_trace
+
+    trace, _ = routed
+    sida = files.save(tmp_path / "s.safetensors", "sida", {"num_layers": 4, "num_experts": 64}, {}, {},
+                      {"w": torch.zeros(2)})
+    file = write_trace(trace, tmp_path / "t.parquet")
+    assert main(["simulate", "--trace", str(file), "--prefetch", "history", "--predictor", str(sida)]) != 0
+    err = capsys.readouterr().err
+    assert "'sida' predictor" in err and "--prefetch sida" in err

@@ -65,18 +65,32 @@ def _simulate_prefetch(args, trace, capacities: list[int], cost) -> int:
 
     policies = EVICTIONS if args.sweep else (args.policy,)
     cfg = _prefetch_config(args, policies[0])
-    if args.prefetch == "history" and args.predictor and Path(args.predictor).suffix != ".npz" and args.lookahead is None:
-        from ..predict.routenet import (
-            RouteNet,  # a trained trace predictor: its own lookahead unless one is given
-        )
+    notes = []
+    if args.prefetch == "history" and args.predictor and Path(args.predictor).suffix != ".npz":
+        from ..predict import files
+        from ..predict.routenet import KIND, RouteConfig  # a trained trace predictor
+        from .prefetch import ROUTENET_THRESHOLD
 
-        cfg = replace(cfg, score=replace(cfg.score, lookahead=RouteNet.load(args.predictor).cfg.lookahead))
+        pf = files.read(args.predictor)
+        kind = pf.kind
+        if kind != KIND:
+            raise MoeDeployError(f"{args.predictor} is a {kind!r} predictor; --prefetch history takes a trace "
+                                 f"predictor (`moedeploy predict train --trace`) or a co-occurrence table (.npz)"
+                                 + ("; a SiDA predictor goes with --prefetch sida, on a trace with token ids"
+                                    if kind == "sida" else ""))
+        if args.lookahead is None:  # its own lookahead (a different --lookahead is refused by scores.of)
+            cfg = replace(cfg, score=replace(cfg.score, lookahead=RouteConfig.from_dict(pf.config).lookahead))
+            notes.append(f"lookahead {cfg.score.lookahead}: the predictor's own")
+        if args.prefetch_threshold is None:
+            cfg = replace(cfg, threshold=ROUTENET_THRESHOLD)
+            notes.append(f"threshold {ROUTENET_THRESHOLD}: the trained predictor's default")
     S = scores.of(trace, args.prefetch, args.predictor, cfg.score, args.model)
     belady = {c: replay(trace, "belady", c, cost).misses for c in capacities}
     results = [replay_prefetch(trace, c, None, replace(cfg, evict=p), cost, belady[c], S=S)
                for p in policies for c in capacities]
     out = {"trace": str(args.trace), "domain": args.domain, "tokens": trace.num_tokens, "prefetch": args.prefetch,
-           "predictor": args.predictor, "cost_model": cost.__dict__, "results": [r.as_dict() for r in results]}
+           "predictor": args.predictor, "notes": notes, "cost_model": cost.__dict__,
+           "results": [r.as_dict() for r in results]}
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "simulate.json").write_text(json.dumps(out, indent=1))
@@ -85,6 +99,8 @@ def _simulate_prefetch(args, trace, capacities: list[int], cost) -> int:
         return 0
     print(f"{trace.num_tokens:,} tokens x {trace.meta.num_layers} layers; decode order, per-layer caches, prefetch "
           f"{args.prefetch} (predictor {args.predictor or 'online only'}); ratios are to Belady without prefetch")
+    print(f"width {cfg.width}, threshold {cfg.threshold}, lookahead {cfg.score.lookahead}"
+          + "".join(f"; {n}" for n in notes))
     print(f"{'evict':9s} {'capacity':>8s} {'stalls':>7s} {'belady':>7s} {'stall x':>7s} {'prefetch':>9s} {'useful':>7s} "
           f"{'GB moved':>9s} {'bytes x':>7s} {'ms/token':>9s} {'(all resident)':>15s}")
     for r in results:
@@ -132,9 +148,11 @@ def add_commands(sub) -> None:
                    "without one the table learns online only) or a .safetensors from `moedeploy predict train --trace`; "
                    "with sida: a SiDA predictor (default: the demo model's)")
     s.add_argument("--model", help="with --prefetch sida: the model the trace was recorded from (default the demo)")
-    s.add_argument("--lookahead", type=int, help="layers between issuing a prefetch and its use (default 1)")
+    s.add_argument("--lookahead", type=int, help="layers between issuing a prefetch and its use (default 1; a "
+                   "trained predictor's own, and another is refused)")
     s.add_argument("--prefetch-width", type=int, help="at most this many experts prefetched per layer (default 6)")
-    s.add_argument("--prefetch-threshold", type=float, help="prefetch only experts scoring at least this")
+    s.add_argument("--prefetch-threshold", type=float, help="prefetch only experts scoring at least this (default "
+                   "0.4; 0.7 with a trained predictor, .safetensors)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_simulate)
 

@@ -34,6 +34,11 @@ from .replay import CostModel, replay
 from .timeline import Timeline
 
 EVICTIONS = ("lru", "predicted")
+# The threshold for a trained trace predictor (predict/routenet.py; scores K x softmax, capped at 1: sim/scores.py),
+# sharper than the table's: tuned with one trained on intent only, replaying translation at 16 of 64 (width 6,
+# predicted eviction), 0.7 kept stalls under Belady's misses with the fewest bytes (0.93x, bytes 1.46x, 38.3 ms/token;
+# 0.4: 0.64x, 1.65x, 42.9 ms/token; 0.8: 1.03x stalls). `simulate` uses it unless --prefetch-threshold is given.
+ROUTENET_THRESHOLD = 0.7
 
 
 @dataclass(frozen=True)
