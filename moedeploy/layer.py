@@ -144,7 +144,7 @@ class MoELayer(nn.Module):
     def _route(self, x: Tensor, groups: int, keep: Tensor | None) -> tuple[Routing, bool]:
         """This step's routing, and whether it may hold dropped pairs beyond the router's own (a
         departure with too few allowed experts)."""
-        if self.ahead is not None and self.routing_mode == "exact":
+        if self.ahead is not None:
             self.ahead.arrive(self)  # sends the step's prefetches once the prediction is ready
         allowed = self._allowed(x.shape[0])
         if allowed is None:
@@ -160,8 +160,6 @@ class MoELayer(nn.Module):
         if self.routing_mode == "predicted":
             return self.ahead.allowed(self, tokens)
         if self.routing_mode == "resident" and self.pool is not None:
-            if self.ahead is not None:
-                self.ahead.arrive(self)
             allowed = torch.zeros(self.router.num_experts, dtype=torch.bool)
             allowed[self.pool.resident(self.pool_index)] = True
             return allowed.to(self.router.weight.device, non_blocking=True)

@@ -57,17 +57,16 @@ class AheadStats:
 
 
 class Ahead:
-    def __init__(self, predictor, layers: list, prefetch: bool, wait: bool, reach: int | None = None):
+    def __init__(self, predictor, layers: list, prefetch: bool, wait: bool):
         """predictor: a SidaPredictor for this model; layers: its MoE layers in model order.
         prefetch: send predictions to the layers' pools. wait: the first MoE layer waits for the
-        prediction (the routing reads it) instead of letting a later layer send it.
-        reach: experts per token and layer that count as predicted for prefetching (default 2K)."""
+        prediction (the routing reads it) instead of letting a later layer send it."""
         self.predictor = predictor
         self.layers = layers
         self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.prefetch, self.wait = prefetch, wait
         self.K = layers[0].router.top_k
-        self.reach = reach or 2 * self.K
+        self.reach = 2 * self.K  # experts per token and layer that count as predicted for prefetching
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moedeploy-predictor")
         device = predictor.embedding.device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
