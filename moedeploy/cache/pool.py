@@ -92,7 +92,7 @@ class SlotPool:
             if key not in self.slot_of:
                 slot = self._place(key, self.pinned | {key})
                 if self.transfers is not None:
-                    self.transfers.demand(lambda: self._copy(key, slot))
+                    self.transfers.demand(lambda: self._copy([(key, slot)]))
             self.pinned.add(key)
         self.drain()  # the setting-up copies' times (CUDA: pending events) land in the discarded stats
         self.stats = CacheStats()
@@ -126,7 +126,7 @@ class SlotPool:
             self.stats.misses += 1
             slot = self._place(key, needed)
             if self.transfers is not None:
-                self.transfers.demand(lambda: self._copy(key, slot))
+                self.transfers.demand(lambda: self._copy([(key, slot)]))
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
         self.stats.resident_at.append(time.perf_counter())
         return [self.slot_of[k] for k in keys]
@@ -137,16 +137,17 @@ class SlotPool:
         Call it only once the slots the current step reads are done with (MoELayer does)."""
         keys = [k for k in dict.fromkeys(keys) if k not in self.pinned][: self.num_slots - len(self.pinned)]
         wanted = set(keys)
+        copies = []  # (key, slot): one batch for the copy engine, so one hand-off however many experts
         for key in keys:
             if key in self.slot_of:
                 continue
             self.stats.prefetched += 1
             self.unused_prefetch.add(key)
-            slot = self._place(key, wanted)
-            if self.transfers is not None:
-                handle = self.transfers.ahead(lambda key=key, slot=slot: self._copy(key, slot))
-                if handle is not None:
-                    self.in_flight[slot] = handle
+            copies.append((key, self._place(key, wanted)))
+        if copies and self.transfers is not None:
+            handle = self.transfers.ahead(lambda: self._copy(copies))
+            if handle is not None:
+                self.in_flight.update(dict.fromkeys((slot for _, slot in copies), handle))
 
     def resident(self, layer: int) -> list[int]:
         """The experts of `layer` in a slot, or with a prefetch copy in flight into one: `acquire` finds them
@@ -170,11 +171,15 @@ class SlotPool:
         self.stats.bytes_moved += self.expert_bytes
         return slot
 
-    def _copy(self, key: Key, slot: int) -> None:
-        """Copy expert `key` from its store into `slot` (on the stream or thread the transfers chose)."""
-        layer, expert = key
-        for dst, src in zip(self.slots.tensors(), self.stores[layer].read(expert), strict=True):
-            dst[slot].copy_(src, non_blocking=True)  # converts to the model's dtype exactly as loading does
+    def _copy(self, copies: list[tuple[Key, int]]) -> None:
+        """Copy each expert key from its store into its slot (on the stream or thread the transfers chose),
+        in one multi-tensor copy: a CPU copier thread holds the GIL only to gather the views."""
+        dst, src = [], []
+        for (layer, expert), slot in copies:
+            for slots, t in zip(self.slots.tensors(), self.stores[layer].read(expert), strict=True):
+                dst.append(slots[slot])
+                src.append(t)
+        torch._foreach_copy_(dst, src, non_blocking=True)  # converts to the model's dtype exactly as loading does
 
     def _wait(self, slot: int) -> None:
         """`slot`'s prefetch copy is done before anything after this reads or overwrites the slot."""

@@ -2,7 +2,7 @@
 the whole step's predicted experts go to the cache ahead of need (Du et al., MLSys 2024, adapted).
 
     step's input_ids [B, S] ─► (predictor thread) SiDA.forward, its LSTM state carried ─► scores [T, L, E]
-        ─► per layer: `rank` = experts by summed probability over the step's tokens  (prefetch)
+        ─► per layer: `rank` = the tokens' predicted top-K experts by summed probability  (prefetch)
                       `top`  = each token's predicted top-K ids [T, L, K]          (routing="predicted")
     MoE layer i (model thread) ─► `arrive(i)`: the first layer to find the prediction ready (layer 0
         waits when the routing depends on it) sends layers i..L-1 to their pools' prefetch queues, in
@@ -10,7 +10,7 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
 
 A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
 state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
-sequences; a forward that continues a cache continues the state (one `step` per decoded token). In the
+sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step, the fast path). In the
 engine's packed steps (engine/runner.py) each request's chunk continues that request's own state, and
 the states of ended requests are dropped.
 
@@ -65,8 +65,8 @@ class Ahead:
         self.layers = layers
         self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.prefetch, self.wait = prefetch, wait
-        self.K = layers[0].router.top_k
-        self.reach = 2 * self.K  # experts per token and layer that count as predicted for prefetching
+        self.K = layers[0].router.top_k  # each token's predicted top-K experts are prefetched (2K: more copies
+        # than they save misses, on the CPU measured in docs/benchmarks.md)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="moedeploy-predictor")
         device = predictor.embedding.device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -146,16 +146,11 @@ class Ahead:
                 rows.append(scores.flatten(0, 1))  # [B * S, L, E]
             if live is not None:
                 self.states = {k: v for k, v in self.states.items() if k in live}
-            scores = torch.cat(rows).float()  # [T, L, E]
-            top = scores.topk(self.K, dim=-1).indices  # [T, L, K]
-            reach = scores.topk(min(self.reach, scores.shape[-1]), dim=-1).indices  # [T, L, R]
-            probs = scores.softmax(-1)
-            mass = torch.zeros_like(probs).scatter_(-1, reach, probs.gather(-1, reach)).sum(0)  # [L, E]
-            order = mass.argsort(dim=-1, descending=True, stable=True).cpu()  # [L, E]
-            counts = (mass > 0).sum(-1).cpu()  # [L]
+            scores = torch.cat(rows) if len(rows) > 1 else rows[0]  # [T, L, E]
+            top = scores.topk(self.K, dim=-1).indices  # [T, L, K], best first
+            rank = top[0].tolist() if len(top) == 1 else _by_mass(scores, top)  # one token: its own order
             if self.stream is not None:
                 self.stream.synchronize()
-        rank = [order[i, : counts[i]].tolist() for i in range(len(self.layers))]
         self.stats.steps += 1
         self.stats.predict_s += time.perf_counter() - start
         return Prediction(rank, top)
@@ -164,6 +159,16 @@ class Ahead:
         if self.future is not None:
             self.future.result()
         self.future, self.step, self.states, self.stats = None, None, {}, AheadStats()
+
+
+def _by_mass(scores: Tensor, top: Tensor) -> list[list[int]]:
+    """Per layer, the experts in some token's predicted top-K, by the predicted probability they gather
+    over the step's tokens. scores [T, L, E], top [T, L, K]."""
+    probs = scores.softmax(-1)
+    mass = torch.zeros_like(probs).scatter_(-1, top, probs.gather(-1, top)).sum(0)  # [L, E]
+    order = mass.argsort(dim=-1, descending=True, stable=True).cpu()  # [L, E]
+    counts = (mass > 0).sum(-1).tolist()  # [L]
+    return [order[i, :n].tolist() for i, n in enumerate(counts)]
 
 
 def kv_cache(kwargs: dict):
