@@ -16,7 +16,7 @@ from moedeploy.predict.metrics import Tally, found
 from moedeploy.predict.routenet import RouteConfig, RouteNet
 from moedeploy.predict.routenet import TrainConfig as RouteTrain
 from moedeploy.predict.routenet import train as train_routenet
-from moedeploy.predict.sida import SidaConfig, SidaNet, sparsemax
+from moedeploy.predict.sida import SidaConfig, SidaNet, SidaPredictor, sparsemax
 
 ESFT = Path("/work/shared/data/traces/esft-deepseek-v2-lite")
 TEXT = ("Mixture-of-Experts models route every token to a few experts. Only the hot experts need to live in "
@@ -47,6 +47,26 @@ def test_step_by_step_equals_full_sequence(attention):
         changed, _ = net(y)
     torch.testing.assert_close(changed[:, :6], full[:, :6])
     assert not torch.allclose(changed[:, 6:], full[:, 6:])
+
+
+@pytest.mark.parametrize("attention", ["softmax", "sparsemax"])
+def test_decode_steps_of_many_sequences_batch_like_one_at_a_time(attention):
+    """`SidaPredictor.steps` (the engine's requests): one batched step, the kept keys of shorter sequences
+    padded and masked; each result equals that sequence stepped alone, and the whole sequence at once."""
+    torch.manual_seed(0)
+    net = SidaNet(SidaConfig(width=16, heads=2, window=6, attention=attention), hidden_size=12, num_layers=3,
+                  num_experts=7).eval()
+    predictor = SidaPredictor(net, torch.randn(50, 12), {}, torch.zeros(3, 7))
+    prompts = [torch.randint(50, (1, n)) for n in (3, 9, 3, 12, 4)]  # kept keys 3, 5, 3, 5, 4 (window 6)
+    states = [predictor.forward(p)[1] for p in prompts]
+    tokens = torch.randint(50, (5,))
+    batched, after = predictor.steps(tokens, states)
+    for i, (prompt, state) in enumerate(zip(prompts, states, strict=True)):
+        alone, _ = predictor.forward(tokens[i].view(1, 1), state)
+        whole, _ = predictor.forward(torch.cat([prompt, tokens[i].view(1, 1)], 1))
+        torch.testing.assert_close(batched[i], alone[0, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batched[i], whole[0, -1], atol=1e-5, rtol=1e-5)
+        assert after[i].keys.shape[2] == min(prompt.shape[1] + 1, 5)  # at most window - 1 kept
 
 
 def test_sparsemax_is_a_sparse_distribution_over_allowed_entries():

@@ -10,6 +10,10 @@ Three parts, each on the held-out plays (never tuned on):
   sida + resident routing, sida + predicted routing. Reported: decode tokens/s and its ratio to no
   prefetch at the same budget, demand misses, prefetches and stall time per token, departures from the
   router, and whether exact configurations generated the resident model's tokens.
+- serve: the engine (engine/) running --requests prompts from the held-out text together, --new-tokens
+  each, greedy: no prefetch against SiDA prefetch (exact routing) per budget, rounds interleaved; tokens/s,
+  its ratio, and whether both generated the resident engine's tokens. The predictor scores all requests'
+  decode tokens in one batched step (predict/ahead.py).
 - quality: perplexity in decode order (one token per forward with a KV cache, as generation runs) over
   the first --max-tokens tokens of the held-out text, for exact routing, predicted routing (independent
   of the budget) and resident routing per budget; the change against exact and the departures.
@@ -108,6 +112,37 @@ def decode(budgets, ids, new_tokens: int, rounds: int) -> list[dict]:
     return rows
 
 
+def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int) -> list[dict]:
+    from transformers import AutoTokenizer
+
+    from ..api import DEMO_MODEL, load
+    from ..engine import Engine, EngineConfig, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
+    config = EngineConfig(max_running=len(prompts))
+    want = [o.tokens for o in Engine(load(), tokenizer, config).generate(prompts, greedy)]
+    models = {(b, name): load(expert_memory=b, **opts) for b in budgets
+              for name, opts in (("no prefetch", {}), ("sida", {"prefetch": "sida"}))}
+    rates, same = {key: [] for key in models}, {}
+    for _ in range(rounds):
+        for key, model in models.items():
+            model.moedeploy.empty_cache()
+            engine = Engine(model, tokenizer, config)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = engine.generate(prompts, greedy)
+            rates[key].append(len(prompts) * new_tokens / (time.perf_counter() - start))
+            same[key] = [o.tokens for o in out] == want
+    rows = []
+    for budget, name in models:
+        rate, base = statistics.median(rates[(budget, name)]), statistics.median(rates[(budget, "no prefetch")])
+        rows.append({"budget": budget, "config": name, "requests": len(prompts), "tokens_per_s": round(rate, 2),
+                     "vs_no_prefetch": round(rate / base, 3), "same_tokens_as_resident": same[(budget, name)]})
+    return rows
+
+
 def _since(before: dict | None, after: dict | None) -> dict | None:
     """The counters of `after` less those of `before` (decode steps only)."""
     if after is None:
@@ -148,7 +183,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, from the held-out text")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens scored per quality run")
     parser.add_argument("--context", type=int, default=256, help="tokens per scored window")
-    parser.add_argument("--parts", default="cost,decode,quality", help="which parts to run")
+    parser.add_argument("--requests", type=int, default=8, help="requests served together (part serve)")
+    parser.add_argument("--parts", default="cost,decode,serve,quality", help="which parts to run")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
 
@@ -164,8 +200,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     budgets = fractions(args.budgets)
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    if not parts <= {"cost", "decode", "quality"}:
-        raise MoeDeployError(f"--parts takes cost, decode and quality, got {args.parts!r}")
+    if not parts <= {"cost", "decode", "serve", "quality"}:
+        raise MoeDeployError(f"--parts takes cost, decode, serve and quality, got {args.parts!r}")
     text = "".join((HELD_OUT / name).read_text(encoding="utf-8") for name in PLAYS)
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     ids = tokenizer(text[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
@@ -177,12 +213,18 @@ def run(args: argparse.Namespace) -> int:
     if "decode" in parts:
         report["decode"] = decode(budgets, ids, args.new_tokens, args.rounds)
         _print(args, "decode", report["decode"])
+    if "serve" in parts:
+        step = len(text) // args.requests
+        prompts = [tokenizer(text[i * step : i * step + 2000]).input_ids[: args.prompt_tokens]
+                   for i in range(args.requests)]
+        report["serve"] = serve(budgets, prompts, args.new_tokens, args.rounds)
+        _print(args, "serve", report["serve"])
     if "quality" in parts:
         report["quality"] = quality(budgets, text, args.max_tokens, args.context)
         _print(args, "quality", report["quality"])
     print(json.dumps(report))
     exact = [r for r in report.get("decode", []) if r["config"] in ("no prefetch", "lookahead", "sida")]
-    return 0 if all(r["same_tokens_as_resident"] for r in exact) else 1
+    return 0 if all(r["same_tokens_as_resident"] for r in exact + report.get("serve", [])) else 1
 
 
 def _print(args, title: str, rows: list[dict]) -> None:

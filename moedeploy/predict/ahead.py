@@ -140,13 +140,9 @@ class Ahead:
         """parts: (sequence key, ids [B, S], fresh) in the step's row order; live: the keys still running."""
         start = time.perf_counter()
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            rows = []
-            for key, ids, fresh in parts:
-                scores, self.states[key] = self.predictor.forward(ids, None if fresh else self.states.get(key))
-                rows.append(scores.flatten(0, 1))  # [B * S, L, E]
+            scores = self._scores(parts)  # [T, L, E]
             if live is not None:
                 self.states = {k: v for k, v in self.states.items() if k in live}
-            scores = torch.cat(rows) if len(rows) > 1 else rows[0]  # [T, L, E]
             top = scores.topk(self.K, dim=-1).indices  # [T, L, K], best first
             rank = top[0].tolist() if len(top) == 1 else _by_mass(scores, top)  # one token: its own order
             if self.stream is not None:
@@ -154,6 +150,24 @@ class Ahead:
         self.stats.steps += 1
         self.stats.predict_s += time.perf_counter() - start
         return Prediction(rank, top)
+
+    def _scores(self, parts: list[tuple]) -> Tensor:
+        """[T, L, E] for the step's parts in row order, each continuing its sequence's state. The engine's
+        decode chunks (one token of one request, a state to continue) run as one batch."""
+        decode = [i for i, (key, ids, fresh) in enumerate(parts)
+                  if not fresh and ids.shape == (1, 1) and key in self.states]
+        rows: dict[int, Tensor] = {}
+        if len(decode) > 1:
+            keys = [parts[i][0] for i in decode]
+            scores, states = self.predictor.steps(torch.cat([parts[i][1][0] for i in decode]),
+                                                  [self.states[k] for k in keys])
+            for i, key, row, state in zip(decode, keys, scores, states, strict=True):
+                rows[i], self.states[key] = row[None], state
+        for i, (key, ids, fresh) in enumerate(parts):
+            if i not in rows:
+                scores, self.states[key] = self.predictor.forward(ids, None if fresh else self.states.get(key))
+                rows[i] = scores.flatten(0, 1)  # [B * S, L, E]
+        return torch.cat([rows[i] for i in range(len(parts))]) if len(parts) > 1 else rows[0]
 
     def reset(self) -> None:
         if self.future is not None:
