@@ -80,9 +80,9 @@ def _train_text(args) -> int:
     cfg = SidaConfig(width=args.width, window=args.context, attention=args.attention, distill=args.distill,
                      distill_weight=args.distill_weight)
     tc = TrainConfig(steps=args.steps, seed=args.seed, **({} if args.epochs is None else {"epochs": args.epochs}))
-    info = files.model_info(model) | {"path": str(model.moedeploy.path)}
+    info = files.model_info(model) | {"path": Path(model.moedeploy.path).name}  # names, not this machine's paths
     predictor, report = train(data, model.get_input_embeddings().weight.detach(), info, cfg, tc)
-    report["text"] = [str(p) for p in args.text]
+    report["text"] = [Path(p).name for p in args.text]
     path = predictor.save(args.out, torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
     out = {"predictor": str(path), "bytes": path.stat().st_size, "parameters": predictor.parameter_count(),
            "model": info, **report}
@@ -188,7 +188,7 @@ def _train_trace(args) -> int:
     cfg = RouteConfig(lookahead=args.lookahead)
     tc = TrainConfig(steps=args.steps, seed=args.seed, **({} if args.epochs is None else {"epochs": args.epochs}))
     predictor, report = train(streams, model, cfg, tc)
-    report["traces"] = [f"{p}" for p in args.trace] + [f"domain {d}" for d in args.domain or []]
+    report["traces"] = [Path(p).name for p in args.trace] + [f"domain {d}" for d in args.domain or []]
     report["domains"] = [name for name, _ in traces]
     predictor.training.update(report)
     path = predictor.save(args.out)
