@@ -44,6 +44,20 @@ def test_a_trained_trace_predictor_prefetches_without_changing_demand(routed):
         assert 0 < r.prefetch_hits <= r.prefetched
 
 
+def test_an_oracle_prefetch_never_stalls_and_a_learned_one_does_no_better(routed):
+    """--prefetch oracle scores the experts each token really chose: every demand is a (prefetched) hit once
+    the cache is warm, and no trained predictor stalls less at the same cache and eviction."""
+    trace, path = routed
+    oracle = scores.of(trace, "oracle", None, ScoreConfig())
+    chosen = [[len({e for e in row.tolist() if e < 64}) for row in token] for token in trace.experts]
+    np.testing.assert_array_equal(oracle.sum(-1), chosen)  # 1 for each expert chosen, 0 elsewhere
+    cfg = PrefetchConfig(threshold=0.2)
+    best = replay_prefetch(trace, 8, None, cfg, S=oracle)
+    learned = replay_prefetch(trace, 8, None, cfg, S=scores.of(trace, "history", str(path), ScoreConfig(lookahead=1)))
+    assert best.misses <= 6 and best.misses < learned.misses  # only the very first layer call misses
+    assert best.prefetch_hits == best.prefetched  # and no oracle prefetch is wasted
+
+
 def test_the_predictors_lookahead_must_match(routed):
     trace, path = routed
     with pytest.raises(MoeDeployError, match="predicts 1 layer"):

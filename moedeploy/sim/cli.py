@@ -141,9 +141,10 @@ def add_commands(sub) -> None:
     s.add_argument("--expert-bytes", type=int, help="bytes of one expert (default: DeepSeek-V2-Lite in bf16)")
     s.add_argument("--link-gbps", type=float, help="host-to-device bandwidth, GB/s (default 25)")
     s.add_argument("--memory-gbps", type=float, help="device memory bandwidth, GB/s (default 2000)")
-    s.add_argument("--prefetch", default="none", help="none (default), history (a trace-history predictor) or sida "
-                   "(SiDA's over the trace's token ids): prefetch what it scores highest; --sweep then runs evictions "
-                   "lru and predicted (lookahead needs hidden states: refused)")
+    s.add_argument("--prefetch", default="none", help="none (default), history (a trace-history predictor), sida "
+                   "(SiDA's over the trace's token ids) or oracle (a perfect predictor: the bound for any): prefetch "
+                   "what it scores highest; --sweep then runs evictions lru and predicted (lookahead needs hidden "
+                   "states: refused)")
     s.add_argument("--predictor", help="with history: a .npz from `moedeploy predict fit` (its counts are the prior; "
                    "without one the table learns online only) or a .safetensors from `moedeploy predict train --trace`; "
                    "with sida: a SiDA predictor (default: the demo model's)")

@@ -6,6 +6,8 @@
                                           model, e.g. `eval-ppl --trace`; ESFT traces carry no token ids)
     --prefetch lookahead                  refused: a trace carries no hidden states (it runs in the model:
                                           `generate --expert-memory ... --prefetch lookahead`)
+    --prefetch oracle                     a perfect predictor (the trace's own routing): the bound every
+                                          predictor meets at this cache, eviction and lookahead
 
 Each gives S [N, L, E] in the trace's row order, S[t, m] known when the prefetch for layer m of token t is
 issued, on the history table's scale: the chance that expert j is among the token's K (a learned
@@ -22,10 +24,10 @@ import numpy as np
 import torch
 
 from ..errors import MoeDeployError
-from ..predict.history import HistoryPredictor, ScoreConfig, scores
+from ..predict.history import HistoryPredictor, ScoreConfig, onehot, scores
 from ..trace.schema import Trace
 
-SOURCES = ("history", "sida", "lookahead")
+SOURCES = ("history", "sida", "oracle", "lookahead")
 
 
 def chosen(logits: torch.Tensor, k: int) -> np.ndarray:
@@ -42,6 +44,8 @@ def of(trace: Trace, source: str, predictor: str | None, cfg: ScoreConfig, model
                              "--prefetch lookahead), or simulate --prefetch history|sida")
     if source == "sida":
         return _sida(trace, predictor, model)
+    if source == "oracle":
+        return onehot(trace.experts.astype(np.int64), meta.num_experts)  # [N, L, E]: exactly the chosen experts
     if source != "history":
         raise MoeDeployError(f"unknown --prefetch {source!r}; choose none, {', '.join(SOURCES)}")
     experts = trace.experts.astype(np.int64)  # [N, L, K]
