@@ -173,23 +173,26 @@ def test_eval_ppl_reports_departures(tmp_path, capsys):
 
 def test_the_engine_predicts_per_request_and_stays_exact():
     """Packed steps (many requests' chunks in one row) continue each request's own predictor state, decode
-    chunks of several requests in one batched step: every request's predictions equal the predictor run over
-    its whole sequence, and with exact routing the engine's outputs are the resident model's."""
+    chunks of several requests in one batched step, and a queued prompt is predicted while other requests run:
+    every request's predictions equal the predictor run over its whole sequence, and with exact routing the
+    engine's outputs are the resident model's."""
     from transformers import AutoTokenizer
 
     from moedeploy.engine import Engine, EngineConfig, SamplingParams
 
     tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
     prompts = [tokenizer(t).input_ids for t in ("ROMEO. But soft,", "The king is dead, and the queen",
-                                                 "ROMEO. But soft,")]  # equal lengths: batched decode steps
+                                                 "ROMEO. But soft,")]
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     want = [o.tokens for o in Engine(moedeploy.load(), tokenizer).generate(prompts, greedy)]
     model = moedeploy.load(expert_memory=0.25, prefetch="sida")
     ahead, parts, batches = model.moedeploy.ahead, [], []
+    assert not ahead.queued  # on by default on CUDA only; here it is tested for what it computes
+    ahead.queued = True
     score, step = ahead._scores, ahead.predictor.net.step
 
-    def spy_scores(p):
-        rows = score(p)  # [T, L, E] in the parts' row order
+    def spy_scores(p, early):
+        rows = score(p, early)  # [T, L, E] in the parts' row order
         parts.append([(k, ids.shape[1], fresh, rows[first : first + ids.shape[1]])
                       for (k, ids, fresh), first in zip(p, itertools.accumulate((ids.shape[1] for _, ids, _ in p),
                                                                                 initial=0))])
@@ -199,8 +202,8 @@ def test_the_engine_predicts_per_request_and_stays_exact():
     ahead.predictor.net.step = lambda emb, *state: (batches.append(emb.shape[0]), step(emb, *state))[1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        got = [o.tokens for o in Engine(model, tokenizer, EngineConfig(max_batch_tokens=8, max_running=3)).generate(
-            prompts, greedy)]
+        got = [o.tokens for o in Engine(model, tokenizer, EngineConfig(max_batch_tokens=8, max_running=2)).generate(
+            prompts, greedy)]  # the third request waits: its prompt is predicted while the first two run
     assert got == want
     seen, rows = {}, {}  # request -> tokens predicted so far, and their scores: fresh exactly at the first chunk
     for chunks in parts:
@@ -209,7 +212,8 @@ def test_the_engine_predicts_per_request_and_stays_exact():
             seen[key] = seen.get(key, 0) + n
             rows.setdefault(key, []).append(scores)
     assert sorted(seen.values()) == sorted(len(p) + 7 for p in prompts)  # the prompt, then 7 decode steps
-    assert len(ahead.states) <= 3 and max(batches) >= 2  # two requests of one length decoded as one batch
+    assert len(ahead.states) <= 2 and max(batches) >= 2  # two requests decoded as one batch
+    assert ahead.stats.prepared >= 1 and not ahead.prepared  # the waiting ones, used and let go
     for key, sequence in zip(sorted(rows), [p + t[:-1] for p, t in zip(prompts, want, strict=True)], strict=True):
         whole, _ = ahead.predictor.forward(torch.tensor([sequence]))  # [1, S, L, E]
         torch.testing.assert_close(torch.cat(rows[key]), whole[0], atol=1e-4, rtol=1e-4)
@@ -237,6 +241,7 @@ def test_bench_predict_serves_exactly(capsys):
     assert main(["bench", "predict", "--parts", "decode,serve", "--budgets", "0.5", "--new-tokens", "4",
                  "--rounds", "1", "--requests", "2", "--prompt-tokens", "16", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert [(r["config"], r["requests"]) for r in report["serve"]] == [("no prefetch", 2), ("sida", 2)]
+    assert [(r["config"], r["requests"]) for r in report["serve"]] == [("no prefetch", 2), ("sida", 2),
+                                                                         ("sida queued", 2)]
     assert all(r["same_tokens_as_resident"] and r["tokens_per_s"] > 0 for r in report["serve"])
     assert {r["config"] for r in report["decode"]} >= {"resident", "no prefetch", "sida"}

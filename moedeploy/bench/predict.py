@@ -10,10 +10,11 @@ Three parts, each on the held-out plays (never tuned on):
   sida + resident routing, sida + predicted routing. Reported: decode tokens/s and its ratio to no
   prefetch at the same budget, demand misses, prefetches and stall time per token, departures from the
   router, and whether exact configurations generated the resident model's tokens.
-- serve: the engine (engine/) running --requests prompts from the held-out text together, --new-tokens
-  each, greedy: no prefetch against SiDA prefetch (exact routing) per budget, rounds interleaved; tokens/s,
-  its ratio, and whether both generated the resident engine's tokens. The predictor scores all requests'
-  decode tokens in one batched step (predict/ahead.py).
+- serve: the engine (engine/) given --requests prompts from the held-out text at once, half of them running
+  and the rest queued, --new-tokens each, greedy: no prefetch, SiDA prefetch (exact routing), and SiDA with
+  queued prompts predicted ahead (`Ahead.queued`, on by default on CUDA only) per budget, rounds interleaved;
+  tokens/s, its ratio to no prefetch, and whether each generated the resident engine's tokens. The predictor
+  scores all running requests' decode tokens in one batched step (predict/ahead.py).
 - quality: perplexity in decode order (one token per forward with a KV cache, as generation runs) over
   the first --max-tokens tokens of the held-out text, for exact routing, predicted routing (independent
   of the budget) and resident routing per budget; the change against exact and the departures.
@@ -120,10 +121,13 @@ def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int) -> li
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    config = EngineConfig(max_running=len(prompts))
+    config = EngineConfig(max_running=max(1, len(prompts) // 2))
     want = [o.tokens for o in Engine(load(), tokenizer, config).generate(prompts, greedy)]
-    models = {(b, name): load(expert_memory=b, **opts) for b in budgets
-              for name, opts in (("no prefetch", {}), ("sida", {"prefetch": "sida"}))}
+    configs = {"no prefetch": {}, "sida": {"prefetch": "sida"}, "sida queued": {"prefetch": "sida"}}
+    models = {(b, name): load(expert_memory=b, **opts) for b in budgets for name, opts in configs.items()}
+    for (_, name), model in models.items():
+        if name.startswith("sida"):
+            model.moedeploy.ahead.queued = name == "sida queued"
     rates, same = {key: [] for key in models}, {}
     for _ in range(rounds):
         for key, model in models.items():

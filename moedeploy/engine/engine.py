@@ -116,6 +116,7 @@ class Engine:
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
         self.layers = list(model.moedeploy.layers.values())
         self.pools = model.moedeploy.pools
+        self.ahead = getattr(model.moedeploy, "ahead", None)  # SiDA's predictor thread (predict/ahead.py), if any
         self.steps: deque[StepStats] = deque(maxlen=config.step_history)
         self.requests: dict[int, Request] = {}  # every request in the engine, by id (engine thread only)
         self.num_waiting = 0  # published after each step, read by other threads
@@ -219,6 +220,10 @@ class Engine:
             c.request.computed = c.start + c.length
         for request, token in zip(sampled, tokens):
             self._emit(request, token)
+        if self.ahead is not None:  # the predictor works on queued prompts while the next steps run
+            for request in self.scheduler.waiting:
+                if request.computed == 0 and not request.output:
+                    self.ahead.prepare(request.id, request.prompt)
         hits2, misses2 = self._cache_counts()
         stats = StepStats(start=start, seconds=time.perf_counter() - start, requests=len(chunks),
                           prefill_tokens=prefill, decode_tokens=sum(c.length for c in chunks) - prefill,
@@ -269,6 +274,8 @@ class Engine:
         request.finish_reason = reason
         self.scheduler.remove(request)
         self.runner.free([request.id])
+        if self.ahead is not None:
+            self.ahead.discard(request.id)
         self.requests.pop(request.id, None)
         if reason in ("length", "abort", "timeout", "error") and request.detok is not None:
             text += request.detok.flush()  # no stop string ended it: what was held back is final now

@@ -11,8 +11,10 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
 A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
 state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
 sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step, the fast path). In the
-engine's packed steps (engine/runner.py) each request's chunk continues that request's own state, and
-the states of ended requests are dropped.
+engine's packed steps (engine/runner.py) each request's chunk continues that request's own state, the
+running requests' decode tokens in one batched step, and the states of ended requests are dropped; with
+`queued` (CUDA) the engine hands queued prompts over between steps (`prepare`), and their prefill chunks
+take the prediction made while other requests ran.
 
 On CUDA the thread works on its own stream; it brings the ranking to the host itself, so the model's
 thread never syncs for it.
@@ -50,10 +52,12 @@ class AheadStats:
     predict_s: float = 0.0  # the predictor thread's time
     wait_s: float = 0.0  # the model thread waiting for a prediction (layer 0 in resident / predicted routing)
     late_steps: int = 0  # steps whose prediction came after the first MoE layer had started
+    prepared: int = 0  # queued prompts predicted ahead of their first step (the engine)
 
     def as_dict(self) -> dict:
         return {"predictor_steps": self.steps, "predictor_s": round(self.predict_s, 4),
-                "predictor_wait_s": round(self.wait_s, 4), "predictor_late_steps": self.late_steps}
+                "predictor_wait_s": round(self.wait_s, 4), "predictor_late_steps": self.late_steps,
+                "predictor_prepared": self.prepared}
 
 
 class Ahead:
@@ -72,6 +76,11 @@ class Ahead:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.states: dict = {}  # the predictor's state per sequence (sida.State): None for model.generate's batch,
         # a request id for the engine's packed steps
+        self.prepared: dict = {}  # request id -> (Future of (scores [S, L, E], state), S): a queued prompt, predicted
+        # ahead (`prepare`); model thread only
+        self.queued = self.stream is not None  # predict queued prompts ahead: on CUDA (the predictor's own stream).
+        # On the CPU its whole-prompt forwards take the model's cores: 0.91x the no-prefetch rate against 1.01x
+        # without, at 2 threads (16 requests of 200 tokens, 8 running; docs/benchmarks.md, "Serving")
         self.future: Future | None = None
         self.step: Prediction | None = None
         self.sent = False
@@ -88,14 +97,35 @@ class Ahead:
             self.future = None
             return
         packed = kwargs.get("packed_kv")  # the engine's step: many requests' chunks in one row (engine/kv.py)
+        early = {}  # request -> (its prompt's prediction, this chunk's offset in the prompt)
         if packed is not None:
             parts = [(request, ids[:, first : first + n], length == n)  # fresh: the request's first chunk
                      for (request, first, n), (_, length) in zip(packed.segments, packed.spans, strict=True)]
             live = set(packed.regions)
+            for (request, _, n), (_, length) in zip(packed.segments, packed.spans, strict=True):
+                if request in self.prepared:
+                    future, S = self.prepared[request]
+                    if length <= S:  # a chunk of the prompt predicted (a longer sequence: predicted as it comes)
+                        early[request] = (future, length - n)
+                    if length >= S:  # its last prompt chunk
+                        del self.prepared[request]
         else:
             cache = kv_cache(kwargs)
             parts, live = [(None, ids, cache is None or cache.get_seq_length() == 0)], None
-        self.future = self.executor.submit(self._predict, parts, live)
+        self.future = self.executor.submit(self._predict, parts, live, early)
+
+    def prepare(self, key, prompt: list[int]) -> None:
+        """A queued request's prompt (the engine, between steps): the predictor works on it now, while the
+        model runs other requests' steps, and the request's prefill chunks take these scores, not waiting
+        for them (SiDA's two threads: the predictor ahead on the tokens already known). Only where
+        `queued` (CUDA by default)."""
+        if self.queued and key not in self.prepared:
+            ids = torch.tensor([prompt], device=self.predictor.embedding.device)
+            self.prepared[key] = (self.executor.submit(self._prepare, ids), len(prompt))
+
+    def discard(self, key) -> None:
+        """A request ended: forget its prompt's prediction if it was never used (model thread)."""
+        self.prepared.pop(key, None)
 
     def arrive(self, layer) -> Prediction | None:
         """MoE layer `layer` is about to route: send the step's prefetches if the prediction is ready
@@ -136,11 +166,23 @@ class Ahead:
             layer.pool.ahead.update(keys[: layer.pool.num_slots])
 
     # -- predictor thread -----------------------------------------------------------------------------------
-    def _predict(self, parts: list[tuple], live: set | None) -> Prediction:
-        """parts: (sequence key, ids [B, S], fresh) in the step's row order; live: the keys still running."""
+    def _prepare(self, ids: Tensor) -> tuple[Tensor, object]:
+        """A whole prompt [1, S] -> its scores [S, L, E] and the state after it."""
         start = time.perf_counter()
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            scores = self._scores(parts)  # [T, L, E]
+            scores, state = self.predictor.forward(ids)
+            if self.stream is not None:
+                self.stream.synchronize()
+        self.stats.prepared += 1
+        self.stats.predict_s += time.perf_counter() - start
+        return scores[0], state
+
+    def _predict(self, parts: list[tuple], live: set | None, early: dict) -> Prediction:
+        """parts: (sequence key, ids [B, S], fresh) in the step's row order; live: the keys still running;
+        early: key -> (prediction of its whole prompt, the chunk's offset in it), for prompts predicted ahead."""
+        start = time.perf_counter()
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            scores = self._scores(parts, early)  # [T, L, E]
             if live is not None:
                 self.states = {k: v for k, v in self.states.items() if k in live}
             top = scores.topk(self.K, dim=-1).indices  # [T, L, K], best first
@@ -151,12 +193,20 @@ class Ahead:
         self.stats.predict_s += time.perf_counter() - start
         return Prediction(rank, top)
 
-    def _scores(self, parts: list[tuple]) -> Tensor:
-        """[T, L, E] for the step's parts in row order, each continuing its sequence's state. The engine's
+    def _scores(self, parts: list[tuple], early: dict) -> Tensor:
+        """[T, L, E] for the step's parts in row order, each continuing its sequence's state. A chunk of a
+        prompt predicted ahead takes its rows of that prediction (the last one its state); the engine's
         decode chunks (one token of one request, a state to continue) run as one batch."""
-        decode = [i for i, (key, ids, fresh) in enumerate(parts)
-                  if not fresh and ids.shape == (1, 1) and key in self.states]
         rows: dict[int, Tensor] = {}
+        for i, (key, ids, _) in enumerate(parts):
+            if key in early:
+                future, offset = early[key]
+                scores, state = future.result()  # done: submitted to this one-thread executor before this job
+                rows[i] = scores[offset : offset + ids.shape[1]]
+                if offset + ids.shape[1] == len(scores):
+                    self.states[key] = state
+        decode = [i for i, (key, ids, fresh) in enumerate(parts)
+                  if i not in rows and not fresh and ids.shape == (1, 1) and key in self.states]
         if len(decode) > 1:
             keys = [parts[i][0] for i in decode]
             scores, states = self.predictor.steps(torch.cat([parts[i][1][0] for i in decode]),
@@ -172,7 +222,7 @@ class Ahead:
     def reset(self) -> None:
         if self.future is not None:
             self.future.result()
-        self.future, self.step, self.states, self.stats = None, None, {}, AheadStats()
+        self.future, self.step, self.states, self.prepared, self.stats = None, None, {}, {}, AheadStats()
 
 
 def _by_mass(scores: Tensor, top: Tensor) -> list[list[int]]:
