@@ -386,3 +386,16 @@ def test_loading_leaves_the_checkpoint_unmapped(tiny, options):
     ids = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         model(ids)  # still runs: anything read later maps the file again
+
+
+def test_a_cpu_budget_on_the_default_host_store_says_it_saves_no_memory(tiny):
+    """On the CPU the slots are host memory, and the host store holds every expert there too: a budget left on
+    the default store gets a notice pointing to the disk store; a store chosen on purpose does not."""
+    path = tiny("qwen3_moe")
+    with pytest.warns(UserWarning, match="holds more memory than none.*expert_store='disk'"):
+        moedeploy.load(path, expert_memory=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for store in ("host", "disk"):
+            moedeploy.load(path, expert_memory=0.5, expert_store=store)
+        moedeploy.load(path)  # no budget, nothing to say
