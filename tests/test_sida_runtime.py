@@ -182,7 +182,7 @@ def test_the_engine_predicts_per_request_and_stays_exact():
 
     tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
     prompts = [tokenizer(t).input_ids for t in ("ROMEO. But soft,", "The king is dead, and the queen",
-                                                 "ROMEO. But soft,")]
+                                                 "Now is the winter of our discontent")]
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     want = [o.tokens for o in Engine(moedeploy.load(), tokenizer).generate(prompts, greedy)]
     model = moedeploy.load(expert_memory=0.25, prefetch="sida")
@@ -245,3 +245,29 @@ def test_bench_predict_serves_exactly(capsys):
                                                                          ("sida queued", 2)]
     assert all(r["same_tokens_as_resident"] and r["tokens_per_s"] > 0 for r in report["serve"])
     assert {r["config"] for r in report["decode"]} >= {"resident", "no prefetch", "sida"}
+
+
+def test_a_failed_prediction_of_a_queued_prompt_fails_nothing():
+    """A queued prompt whose prediction raised is predicted as it comes instead; no request fails, and the next
+    steps and the next engine run as usual."""
+    from transformers import AutoTokenizer
+
+    from moedeploy.engine import Engine, EngineConfig, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
+    prompts = [tokenizer(t).input_ids for t in ("ROMEO. But soft,", "The king is dead", "Now is the winter")]
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = [o.tokens for o in Engine(moedeploy.load(), tokenizer).generate(prompts, greedy)]
+    model = moedeploy.load(expert_memory=0.25, prefetch="sida")
+    ahead = model.moedeploy.ahead
+    ahead.queued = True
+
+    def broken(ids):
+        raise RuntimeError("out of memory (a test)")
+
+    ahead._prepare = broken
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            out = Engine(model, tokenizer, EngineConfig(max_batch_tokens=8, max_running=1)).generate(prompts, greedy)
+            assert [o.finish_reason for o in out] == ["length"] * 3 and [o.tokens for o in out] == want

@@ -220,8 +220,9 @@ class Engine:
             c.request.computed = c.start + c.length
         for request, token in zip(sampled, tokens):
             self._emit(request, token)
-        if self.ahead is not None:  # the predictor works on queued prompts while the next steps run
-            for request in self.scheduler.waiting:
+        if self.ahead is not None:  # the predictor works on the prompts admitted next while the next steps run
+            room = max(self.scheduler.max_running - len(self.scheduler.running), 1)
+            for request in list(self.scheduler.waiting)[:room]:
                 if request.computed == 0 and not request.output:
                     self.ahead.prepare(request.id, request.prompt)
         hits2, misses2 = self._cache_counts()
@@ -241,6 +242,8 @@ class Engine:
         for request in list(self.scheduler.running):
             self._finish(request, "error", f"the model step failed ({type(ex).__name__})")
         self.runner.reset()
+        if self.ahead is not None:
+            self.ahead.reset()
         self._publish()
 
     def _take_inbox(self) -> None:

@@ -27,7 +27,7 @@ Legend: B sequences, S tokens per sequence in this step, T = B * S, L MoE layers
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -77,7 +77,7 @@ class Ahead:
         self.states: dict = {}  # the predictor's state per sequence (sida.State): None for model.generate's batch,
         # a request id for the engine's packed steps
         self.prepared: dict = {}  # request id -> (Future of (scores [S, L, E], state), S): a queued prompt, predicted
-        # ahead (`prepare`); model thread only
+        # ahead (`prepare`); the engine's thread only
         self.queued = self.stream is not None  # predict queued prompts ahead: on CUDA (the predictor's own stream).
         # On the CPU its whole-prompt forwards take the model's cores: 0.91x the no-prefetch rate against 1.01x
         # without, at 2 threads (16 requests of 200 tokens, 8 running; docs/benchmarks.md, "Serving")
@@ -90,9 +90,10 @@ class Ahead:
     def hook(self, module, args, kwargs) -> None:
         """The model's forward pre-hook: start predicting this step."""
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.future is not None:
-            self.future.result()  # the last step's state is in place (and its errors surface here)
+        last, self.future = self.future, None
         self.step, self.sent = None, False
+        if last is not None:
+            last.result()  # the last step's state is in place (its error surfaces here, once)
         if ids is None:  # inputs_embeds: nothing to predict from
             self.future = None
             return
@@ -124,8 +125,10 @@ class Ahead:
             self.prepared[key] = (self.executor.submit(self._prepare, ids), len(prompt))
 
     def discard(self, key) -> None:
-        """A request ended: forget its prompt's prediction if it was never used (model thread)."""
-        self.prepared.pop(key, None)
+        """A request ended: forget its prompt's prediction if it was never used (the engine's thread)."""
+        entry = self.prepared.pop(key, None)
+        if entry is not None:
+            entry[0].cancel()  # not started yet: never runs
 
     def arrive(self, layer) -> Prediction | None:
         """MoE layer `layer` is about to route: send the step's prefetches if the prediction is ready
@@ -201,7 +204,9 @@ class Ahead:
         for i, (key, ids, _) in enumerate(parts):
             if key in early:
                 future, offset = early[key]
-                scores, state = future.result()  # done: submitted to this one-thread executor before this job
+                if future.exception() is not None:  # done (submitted to this one-thread executor before this job)
+                    continue  # it failed: predicted as it comes, from the start of the prompt below
+                scores, state = future.result()
                 rows[i] = scores[offset : offset + ids.shape[1]]
                 if offset + ids.shape[1] == len(scores):
                     self.states[key] = state
@@ -220,8 +225,12 @@ class Ahead:
         return torch.cat([rows[i] for i in range(len(parts))]) if len(parts) > 1 else rows[0]
 
     def reset(self) -> None:
+        """Forget every sequence (a failed engine step, a cleared cache): nothing pending is kept or raised."""
+        for future, _ in self.prepared.values():
+            future.cancel()
         if self.future is not None:
-            self.future.result()
+            wait([self.future])  # its state writes are over before the states go
+        self.executor.submit(lambda: None).result()  # and so are those of prepares already running
         self.future, self.step, self.states, self.prepared, self.stats = None, None, {}, {}, AheadStats()
 
 

@@ -194,7 +194,7 @@ class SidaNet(nn.Module):
 
 class SidaPredictor:
     """A trained SiDA predictor bound to its model's input embedding. `scores(known)` for evaluation,
-    `forward` / `step` for a runner that works ahead of the model."""
+    `forward` / `steps` for a runner that works ahead of the model."""
 
     def __init__(self, net: SidaNet, embedding: Tensor, model: dict, frequency: Tensor, training: dict | None = None):
         self.net = net.eval()
