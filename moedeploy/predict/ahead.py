@@ -10,11 +10,11 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
 
 A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
 state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
-sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step, the fast path). In the
-engine's packed steps (engine/runner.py) each request's chunk continues that request's own state, the
-running requests' decode tokens in one batched step, and the states of ended requests are dropped; with
-`queued` (CUDA) the engine hands queued prompts over between steps (`prepare`), and their prefill chunks
-take the prediction made while other requests ran.
+sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step,
+the fast path). In the engine's packed steps (engine/runner.py) each request's chunk continues that
+request's own state, the running requests' decode tokens in one batched step, and the states of ended
+requests are dropped; with `queued` (CUDA) the engine hands the prompts admitted next over between steps
+(`prepare`), and their prefill chunks take the prediction made while other requests ran.
 
 On CUDA the thread works on its own stream; it brings the ranking to the host itself, so the model's
 thread never syncs for it.
@@ -27,7 +27,7 @@ Legend: B sequences, S tokens per sequence in this step, T = B * S, L MoE layers
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -229,7 +229,7 @@ class Ahead:
         for future, _ in self.prepared.values():
             future.cancel()
         if self.future is not None:
-            wait([self.future])  # its state writes are over before the states go
+            self.future.exception()  # waits, raises nothing: its state writes are over before the states go
         self.executor.submit(lambda: None).result()  # and so are those of prepares already running
         self.future, self.step, self.states, self.prepared, self.stats = None, None, {}, {}, AheadStats()
 
