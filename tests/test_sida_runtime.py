@@ -271,3 +271,22 @@ def test_a_failed_prediction_of_a_queued_prompt_fails_nothing():
         for _ in range(2):
             out = Engine(model, tokenizer, EngineConfig(max_batch_tokens=8, max_running=1)).generate(prompts, greedy)
             assert [o.finish_reason for o in out] == ["length"] * 3 and [o.tokens for o in out] == want
+
+
+def test_a_long_queued_prompt_is_predicted_in_windows():
+    """A queued prompt longer than the predictor's attention window is predicted window by window, each chunk
+    continuing the state (attention memory bounded by the window, not the prompt), with the whole prompt's
+    scores and state."""
+    ahead = moedeploy.load(expert_memory=0.25, prefetch="sida").moedeploy.ahead
+    predictor, W = ahead.predictor, ahead.predictor.net.cfg.window
+    ids = torch.randint(3, 2000, (1, 2 * W + 5), generator=torch.Generator().manual_seed(0))
+    sizes, forward = [], predictor.forward
+    predictor.forward = lambda tokens, state=None: (sizes.append(tokens.shape[1]), forward(tokens, state))[1]
+    scores, state = ahead._prepare(ids)
+    predictor.forward = forward
+    assert sizes == [W, W, 5]
+    whole, whole_state = forward(ids)
+    torch.testing.assert_close(scores, whole[0], atol=1e-4, rtol=1e-4)
+    for got, want in zip((state.h, state.c, state.keys, state.values),
+                         (whole_state.h, whole_state.c, whole_state.keys, whole_state.values), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

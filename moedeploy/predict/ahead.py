@@ -170,15 +170,20 @@ class Ahead:
 
     # -- predictor thread -----------------------------------------------------------------------------------
     def _prepare(self, ids: Tensor) -> tuple[Tensor, object]:
-        """A whole prompt [1, S] -> its scores [S, L, E] and the state after it."""
+        """A whole prompt [1, S] -> its scores [S, L, E] and the state after it. In chunks of the predictor's
+        attention window W, each continuing the last one's state: attention [W, 2W] per chunk, whatever S."""
         start = time.perf_counter()
+        chunks, state = [], None
         with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
-            scores, state = self.predictor.forward(ids)
+            for chunk in ids.split(self.predictor.net.cfg.window, dim=1):
+                scores, state = self.predictor.forward(chunk, state)
+                chunks.append(scores[0])
+            scores = torch.cat(chunks)
             if self.stream is not None:
                 self.stream.synchronize()
         self.stats.prepared += 1
         self.stats.predict_s += time.perf_counter() - start
-        return scores[0], state
+        return scores, state
 
     def _predict(self, parts: list[tuple], live: set | None, early: dict) -> Prediction:
         """parts: (sequence key, ids [B, S], fresh) in the step's row order; live: the keys still running;
