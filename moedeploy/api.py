@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -186,10 +185,11 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     of all expert bytes such as 0.25); the rest stay in host memory and are copied in when needed.
     policy: which resident expert to evict: "lru" (default), "lfu", "fifo", "lifo" (the paper's).
     cache_scope: "layer" (an equal share per MoE layer, default) or "global" (one pool for all).
-    expert_store: where the non-resident experts wait: "host" memory (default; loaded once) or "disk"
-    (the checkpoint's safetensors files, memory-mapped and read one expert per miss: for experts
-    larger than host memory). Needs an expert_memory budget. On the CPU the slots are host memory as
-    well, so only "disk" holds less than no budget (left out there, a notice says so). With expert_dtype, "disk" reads the
+    expert_store: where the non-resident experts wait: "host" memory (loaded once; the default on a GPU) or
+    "disk" (the checkpoint's safetensors files, read one expert per miss; the default on the CPU, where the
+    slots are host memory too, so a host store would hold every expert and the slots: more memory than no
+    budget; except for a pre-quantized checkpoint, whose shipped form only the host store keeps). Needs an
+    expert_memory budget. With expert_dtype, "disk" reads the
     quantized experts from a copy written once into moedeploy's cache folder ($MOEDEPLOY_CACHE, else
     $XDG_CACHE_HOME/moedeploy, else ~/.cache/moedeploy; `quantized/<key>/`, never beside the checkpoint):
     the first load quantizes and writes it, later loads check it (sizes, sha256) and map it; a stale
@@ -250,12 +250,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
                           "slots would have to follow the moves): launch with `torchrun --nproc-per-node N -m "
                           "moedeploy ... --rebalance` and leave out the budget")
     quant = _quant(expert_dtype, group_size, opts, placement)
-    if expert_memory is not None and expert_store is None and opts.device.type == "cpu":
-        warnings.warn("moedeploy: on the CPU the budget's slots are host memory, and the default host store keeps "
-                      "every expert in host memory too: this budget holds more memory than none (docs/benchmarks.md). "
-                      "Pass expert_store='disk' (--expert-store disk) to hold less, or expert_store='host' to keep "
-                      "this without the notice", stacklevel=2)
-    opts = replace(opts, expert_store=expert_store or "host", buffered=expert_memory is not None, quant=quant,
+    opts = replace(opts, expert_store=expert_store, buffered=expert_memory is not None, quant=quant,
                    sharding=_sharding(placement, gating, prefetch, pin, exchange))
     path = DEMO_MODEL if path is None else Path(path)
     model, family, opts = build_model(Checkpoint(path), opts)

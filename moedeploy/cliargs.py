@@ -48,7 +48,8 @@ def add_load_options(p: argparse.ArgumentParser, predictor: bool = True) -> None
     p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
     p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
     p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")
-    p.add_argument("--expert-store", help="where non-resident experts wait: host (default) or disk (mmap)")
+    p.add_argument("--expert-store", help="where non-resident experts wait: host memory or disk (the checkpoint, "
+                   "read as needed); default: disk on the CPU, host on a GPU")
     p.add_argument("--pin", help="a routing trace of this model (eval-ppl --trace): keep its hottest experts resident")
     p.add_argument("--pin-fraction", type=float, help="share of each pool's slots for pinned experts (default 0.5)")
     p.add_argument("--prefetch", help="lookahead (each MoE layer prefetches the next layer's predicted experts) or "

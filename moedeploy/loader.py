@@ -4,9 +4,9 @@
 2. Each MoE block is replaced by a `MoELayer` whose router and experts are read from the safetensors
    files by name, one expert at a time, into the uniform expert layout. The block's shared experts
    keep their transformers modules and names. With the disk store (`expert_store="disk"`), experts
-   stay in the memory-mapped checkpoint and the layer's bank holds their shapes only (meta device);
+   stay in the checkpoint on disk and the layer's bank holds their shapes only (meta device);
    quantized experts (`expert_dtype`) on the disk store are quantized once into moedeploy's cache folder
-   (quant/cache.py), and each later load maps those files instead.
+   (quant/cache.py), and each later load reads those files instead.
 3. Every other tensor is read by name; non-persistent buffers (rotary frequencies, sinusoidal
    positions) are recomputed by the model's own `_init_weights`; tied weights are tied.
 4. Anything still on the meta device means the checkpoint lacks it: a clear error, no model.
@@ -38,7 +38,7 @@ from .quant.cache import QuantCache
 from .quant.ondisk import Dequantizing, format_of
 from .quant.prequantized import PrequantizedBank
 from .routing import Router
-from .store import Checkpoint, DiskStore, HostStore, QuantizedDiskStore
+from .store import Checkpoint, DiskStore, HostStore, QuantizedDiskStore, default_store
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         parallel = opts.sharding.layer(index)
         disk = disk.subset(opts.sharding.local(index))
     prequantized = getattr(ckpt, "fmt", None) is not None  # MXFP4 / FP8 on disk (quant/ondisk.py)
-    if opts.quant is not None and quantized is not None:  # the disk tier: mapped from the cache, shapes only here
+    if opts.quant is not None and quantized is not None:  # the disk tier: read from the cache, shapes only here
         if quantized.size != disk.size:
             raise CheckpointError(f"{quantized.path} holds {quantized.size} experts for {path}, the model has "
                                   f"{disk.size}; delete it and load again")
@@ -170,7 +170,7 @@ def _load_remaining(ckpt: Checkpoint, model: nn.Module, dtype: torch.dtype) -> N
             continue
         if name not in ckpt:
             continue  # tied weights are not stored; anything else is reported after tying
-        value = ckpt.read(name, copy=True)  # owned: the file is unmapped after loading
+        value = ckpt.read(name, copy=True)  # owned: the mapping's pages are dropped as reading goes on
         if tuple(value.shape) != tuple(tensor.shape):
             raise CheckpointError(f"tensor {name} has shape {tuple(value.shape)}, expected {tuple(tensor.shape)}")
         if value.is_floating_point() and not _keep_fp32(model, name):
@@ -201,6 +201,8 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
         ckpt = Dequantizing(ckpt, fmt)
     family = family_for(config)
     dtype = _resolve_dtype(config, opts.dtype)
+    if opts.expert_store is None:
+        opts = replace(opts, expert_store=default_store(opts.device, opts.buffered, prequantized=fmt is not None))
     if opts.quant is not None and dtype == torch.float32:
         warnings.warn("quantized experts in a float32 model: torch's int8/int4 CPU kernels take a scalar path for "
                       "float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load with "
@@ -224,17 +226,15 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
         opts = replace(opts, sharding=opts.sharding.resolve(
             ModelShape(len(blocks), blocks[0][1].experts.num_experts, 0, str(ckpt.root))))
     quantized = [None] * len(blocks)
-    if opts.quant is not None and opts.expert_store == "disk":  # quantized once into moedeploy's cache, then mapped
+    if opts.quant is not None and opts.expert_store == "disk":  # quantized once into moedeploy's cache, then read
         quantized = QuantCache(ckpt.root, opts.quant, dtype).ensure(
-            [(path, partial(_layer_store, ckpt, family, config, path, block)) for path, block in blocks],
-            release=ckpt.release)
+            [(path, partial(_layer_store, ckpt, family, config, path, block)) for path, block in blocks])
     for index, (path, block) in enumerate(tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer",
                                                disable=None, leave=False)):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
         model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index,
                                               quantized=quantized[index]))
-        ckpt.release()  # this layer's pages were copied into its bank: unmap them (store/checkpoint.py)
     if given:  # its top-k, now that a router is built
         first = model.get_submodule(blocks[0][0])
         opts.sharding.placement.check_model(ModelShape(len(blocks), first.router.num_experts, first.router.top_k))

@@ -43,7 +43,8 @@ class LoadOptions:
     dtype: torch.dtype | None  # None: the checkpoint's own dtype
     gating: Gating
     cache: CacheConfig | None = None  # set when an expert memory budget is
-    expert_store: str = "host"  # where experts outside the device slots wait: "host" memory or "disk"
+    expert_store: str | None = None  # where experts outside the device slots wait: "host" memory or "disk";
+    # None: store.default_store's choice for the device and checkpoint (the loader resolves it)
     buffered: bool = False  # an expert memory budget: experts stay in their store, slots on the device
     sharding: object | None = None  # parallel.Sharding: this rank's experts of an expert-parallel run
     quant: object | None = None  # quant.QuantSpec: routed experts quantized as they load (int8, int4)

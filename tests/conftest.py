@@ -15,6 +15,15 @@ from packaging.version import Version
 from moedeploy.tiny import save_tiny
 
 
+@pytest.fixture(scope="session", autouse=True)
+def moedeploy_cache(tmp_path_factory):
+    """moedeploy's cache folder (quantized experts of the disk store) in the session's temporary directory, never
+    the user's (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEDEPLOY_CACHE", str(tmp_path_factory.mktemp("moedeploy-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(family, **config_overrides) -> checkpoint directory (built once per distinct request)."""

@@ -322,13 +322,15 @@ def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
     assert pool.stats.stall_s >= 0.02 and not pool.in_flight
 
 
-def test_a_budgeted_model_keeps_its_experts_in_the_store_when_it_moves(tiny):
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_a_budgeted_model_keeps_its_experts_in_the_store_when_it_moves(tiny, store):
     """Under a budget only the slots belong on the device: moving the model leaves the layers' expert
-    banks in host memory (on CUDA, pinned), where the slots copy from."""
-    model = moedeploy.load(tiny("mixtral"), dtype="float32", expert_memory=0.5)
+    banks in host memory (on CUDA, pinned), where the slots copy from, or as shapes only (disk)."""
+    model = moedeploy.load(tiny("mixtral"), dtype="float32", expert_memory=0.5, expert_store=store)
     layer = next(iter(model.moedeploy.layers.values()))
     model.to(torch.float64)  # a move the experts must not follow (the slots keep the model's dtype)
-    assert layer.experts.on_host and layer.experts.w_in.dtype == torch.float32
+    kept = layer.experts.on_host if store == "host" else layer.experts.w_in.is_meta
+    assert kept and layer.experts.w_in.dtype == torch.float32
     assert layer.router.weight.dtype == torch.float64
     resident = moedeploy.load(tiny("mixtral"), dtype="float32")
     assert not next(iter(resident.moedeploy.layers.values())).experts.on_host
@@ -373,29 +375,75 @@ def test_cuda_host_experts_are_pinned_and_stay_on_the_host(tiny):
     assert next(model.parameters()).is_cuda
 
 
-@pytest.mark.parametrize("options", [{}, {"expert_memory": 0.5}])
-def test_loading_leaves_the_checkpoint_unmapped(tiny, options):
-    """Once the weights are copied into the model, the checkpoint's file is not kept mapped (its pages would
-    count in the process's memory for nothing); the host store's budget then holds less than before."""
+@pytest.mark.parametrize("options", [{}, {"expert_memory": 0.5, "expert_store": "host"},
+                                     {"expert_memory": 0.5, "expert_store": "disk"}])
+def test_the_checkpoint_is_never_left_mapped(tiny, options):
+    """Weights are read into memory of their own, never through a mapping of the checkpoint (its pages would
+    stay in the process's memory for nothing): not when loading, and not when the disk store reads misses."""
     path = tiny("qwen3_moe")
     gc.collect()  # models of earlier tests in reference cycles may still hold mappings of their own
     model = moedeploy.load(path, dtype="float32", **options)
+    ids = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids)
+    assert options.get("expert_store") != "disk" or model.moedeploy.cache_stats()["misses"] > 0
     with open("/proc/self/maps") as f:
         mapped = [line for line in f if str(path) in line]
     assert not mapped, mapped
-    ids = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        model(ids)  # still runs: anything read later maps the file again
 
 
-def test_a_cpu_budget_on_the_default_host_store_says_it_saves_no_memory(tiny):
-    """On the CPU the slots are host memory, and the host store holds every expert there too: a budget left on
-    the default store gets a notice pointing to the disk store; a store chosen on purpose does not."""
+def test_a_cpu_budget_keeps_its_experts_on_disk_unless_told(tiny):
+    """On the CPU the slots are host memory, so a host store (every expert in host memory, plus the slots) would
+    hold more than no budget: a budget there waits on disk unless a store is named."""
     path = tiny("qwen3_moe")
-    with pytest.warns(UserWarning, match="holds more memory than none.*expert_store='disk'"):
-        moedeploy.load(path, expert_memory=0.5)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for store in ("host", "disk"):
-            moedeploy.load(path, expert_memory=0.5, expert_store=store)
-        moedeploy.load(path)  # no budget, nothing to say
+    stores = {name: {type(m.store).__name__ for m in moedeploy.load(path, expert_memory=0.5, **options).moedeploy
+                     .layers.values()}
+              for name, options in (("default", {}), ("host", {"expert_store": "host"}),
+                                    ("disk", {"expert_store": "disk"}))}
+    assert stores == {"default": {"DiskStore"}, "host": {"HostStore"}, "disk": {"DiskStore"}}
+
+
+def test_the_checkpoint_reader_reads_what_safetensors_reads(tmp_path):
+    """Positional reads of whole tensors and of one index along the first axis give safetensors' own tensors,
+    in every dtype a checkpoint holds."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moedeploy.store.tensorfile import TensorFile
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t.{dtype}": (torch.randn(5, 3, 7, generator=g) * 50).to(dtype)
+               for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64,
+                             torch.float8_e4m3fn)}
+    tensors["scalar"] = torch.tensor(3.5)
+    save_file(tensors, tmp_path / "x.safetensors")
+    f = TensorFile(tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as want:
+        for name in want.keys():
+            got, expected = f.read(name), want.get_tensor(name)
+            assert got.dtype == expected.dtype and torch.equal(got.reshape(-1).view(torch.uint8),
+                                                               expected.reshape(-1).view(torch.uint8)), name
+            if expected.dim():
+                for i in (0, 4):
+                    assert torch.equal(f.read(name, i).view(torch.uint8), want.get_slice(name)[i].view(torch.uint8))
+    with pytest.raises(IndexError, match="index 5 is outside"):
+        f.read("t.torch.int8", 5)
+    f.close()
+
+
+@pytest.mark.parametrize("family,fused,direct", [("qwen3_moe", False, True), ("qwen3_moe", True, True),
+                                                 ("mixtral", False, True), ("gpt_oss", False, False)])
+def test_the_disk_store_reads_misses_straight_into_the_slots(tiny, family, fused, direct):
+    """Where the checkpoint stores an expert as the slots hold it (per-expert or fused tensors, the same dtype), a
+    miss is read straight into its slot; elsewhere (GPT-OSS's transposed, interleaved tensors; another dtype)
+    the store says so and the pool copies `read`'s tensors. Either way the slot gets `read`'s bits."""
+    path = tiny(family, fused=fused)
+    for dtype, expect in (("float32", direct), ("bfloat16", False)):  # the tiny checkpoints are float32
+        model = moedeploy.load(path, dtype=dtype, expert_memory=0.5, expert_store="disk")
+        layer = next(iter(model.moedeploy.layers.values()))
+        store, pool = layer.store, model.moedeploy.pools[0]
+        for e in range(store.size):
+            views = [t[0] for t in pool.slots.tensors()]
+            assert store.read_into(e, views) == expect, (dtype, e)
+            if expect:
+                assert all(torch.equal(v, t) for v, t in zip(views, store.read(e), strict=True))

@@ -112,6 +112,25 @@ def test_truncated_safetensors(copy_of):
         moedeploy.load(path)
 
 
+@pytest.mark.parametrize("damage", ["header length", "header json", "offsets"])
+def test_corrupt_safetensors_header(copy_of, damage):
+    path = copy_of()
+    file = path / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    if damage == "header length":
+        data[:8] = (len(data) * 2).to_bytes(8, "little")
+    elif damage == "header json":
+        data[8:12] = b"{{{{"
+    else:  # the first tensor's byte range no longer matches its dtype and shape
+        header = data[8 : 8 + n].decode()
+        i = header.index('"data_offsets":[') + len('"data_offsets":[')
+        data[8 + i] = ord("9") if chr(data[8 + i]) != "9" else ord("8")
+    file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="not a readable safetensors file .* truncated or corrupt"):
+        moedeploy.load(path)
+
+
 def test_index_naming_a_missing_shard(copy_of):
     path = copy_of()
     (path / "model.safetensors.index.json").write_text(

@@ -9,7 +9,8 @@ bytes moved, copy stall time and peak resident expert bytes. Every configuration
 the resident model's.
 
 On a CPU, host and device memory are one, so the ratios measure what the cache's bookkeeping and
-copies cost, not a PCIe link. GPUs are not covered (expert buffering is CPU-only for now); the disk
+copies cost, not a PCIe link (the experts wait in host memory, `expert_store="host"`, not on disk, the CPU's
+default). GPUs are not covered (expert buffering is CPU-only for now); the disk
 store, prefetching, peak memory and transformers + accelerate offloading are in `bench offload`.
 """
 
@@ -50,7 +51,7 @@ def bench(model_path, budgets, policies, new_tokens: int, rounds: int, prompt: s
 
     resident = load(model_path)
     ids = AutoTokenizer.from_pretrained(resident.moedeploy.path)(prompt, return_tensors="pt").input_ids
-    configs = [(None, None, resident)] + [(b, p, load(model_path, expert_memory=b, policy=p))
+    configs = [(None, None, resident)] + [(b, p, load(model_path, expert_memory=b, policy=p, expert_store="host"))
                                           for b in budgets for p in policies]
     rates = {i: [] for i in range(len(configs))}
     outputs = {}

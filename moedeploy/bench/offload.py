@@ -7,7 +7,7 @@ Every configuration runs in its own process, so its peak memory is its own:
   to the mean of the two, so drift during the run shows instead of hiding);
 - `transformers`: the transformers model as users load it, every weight in memory;
 - `moedeploy f`: an expert budget of fraction f of all expert bytes, the rest in `--store` (disk:
-  the checkpoint, memory-mapped; host: memory), LRU, lookahead prefetch (and, with
+  the checkpoint, read per miss; host: memory), LRU, lookahead prefetch (and, with
   `--prefetch lookahead,none`, also `moedeploy f no-prefetch`);
 - `accelerate f`: transformers with `device_map="auto"`, `max_memory` = the dense weights plus the
   same fraction f of the expert bytes, the rest offloaded to disk by accelerate (`offload_folder`).

@@ -190,7 +190,7 @@ def start_moedeploy(args, budget: float | None) -> Server:
     if args.model:
         command += ["--model", args.model]
     if budget is not None:
-        command += ["--expert-memory", str(budget)]
+        command += ["--expert-memory", str(budget), "--expert-store", "host"]  # the cache's cost, not disk reads
     return Server("moedeploy" if budget is None else f"moedeploy {budget:g}", command, "bench").wait("/health")
 
 

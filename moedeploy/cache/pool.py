@@ -2,7 +2,7 @@
 
 A `SlotPool` has `num_slots` slots, each the size of one expert, stored as an `ExpertBank` whose
 first dimension is the slot. `acquire(keys)` makes the given (layer, expert) keys resident, loading
-misses from the layer's store (store/experts.py: host memory or the memory-mapped checkpoint) and
+misses from the layer's store (store/experts.py: host memory or the checkpoint on disk) and
 evicting what the policy picks among residents the caller does not need now; it returns each key's
 slot. `prefetch(keys)` loads predicted keys ahead of need: a later `acquire` of one is a hit (a
 useful prefetch), not a miss.
@@ -176,10 +176,14 @@ class SlotPool:
         in one multi-tensor copy: a CPU copier thread holds the GIL only to gather the views."""
         dst, src = [], []
         for (layer, expert), slot in copies:
-            for slots, t in zip(self.slots.tensors(), self.stores[layer].read(expert), strict=True):
-                dst.append(slots[slot])
+            store, views = self.stores[layer], [slots[slot] for slots in self.slots.tensors()]
+            if hasattr(store, "read_into") and store.read_into(expert, views):
+                continue  # read from disk straight into the slot
+            for view, t in zip(views, store.read(expert), strict=True):
+                dst.append(view)
                 src.append(t)
-        torch._foreach_copy_(dst, src, non_blocking=True)  # converts to the model's dtype exactly as loading does
+        if dst:
+            torch._foreach_copy_(dst, src, non_blocking=True)  # converts to the model's dtype as loading does
 
     def _wait(self, slot: int) -> None:
         """`slot`'s prefetch copy is done before anything after this reads or overwrites the slot."""

@@ -60,9 +60,10 @@ def _kernel():
 
 
 def compiled_supported(bank: ExpertBank) -> bool:
-    """A float SiLU-gated bank without biases, on CPU (what the fused kernel computes)."""
+    """A float SiLU-gated bank without biases, on CPU (what the fused kernel computes); a bank on the meta device
+    (shapes only: the experts wait on disk, and the slots hold them) is judged by its shapes and dtype."""
     fn = getattr(bank.activation, "fn", None)
-    return (not getattr(bank, "quantized", False) and bank.w_in.device.type == "cpu"
+    return (not getattr(bank, "quantized", False) and bank.w_in.device.type in ("cpu", "meta")
             and bank.w_in.dtype in (torch.float32, torch.bfloat16) and bank.b_in is None and bank.b_out is None
             and bank.activation.gated and bank.activation.clamp is None
             and type(fn).__name__ in ("SiLU", "SiLUActivation"))

@@ -26,6 +26,16 @@ class ExpertTensors:
     b_out: Tensor | None = None  # [D]
 
 
+@dataclass(frozen=True)
+class Piece:
+    """One stored tensor of an expert and where it lands in the uniform layout, as stored (no transform)."""
+
+    field: str  # "w_in", "w_out", "b_in" or "b_out"
+    rows: slice  # of that field
+    name: str  # the checkpoint tensor
+    index: int | None  # along its first axis (a fused tensor), or None (the whole tensor)
+
+
 def _check(name: str, t: Tensor, expected: tuple[int, ...]) -> Tensor:
     if tuple(t.shape) != expected:
         raise CheckpointError(f"expert tensor {name} has shape {tuple(t.shape)}, expected {expected} from config.json")
@@ -58,6 +68,17 @@ class PerExpert:
             b_in=None if self.up_bias is None else get(self.up_bias, (I,)),
             b_out=None if self.down_bias is None else get(self.down_bias, (D,)),
         )
+
+    def pieces(self, ckpt: Checkpoint, prefix: str, e: int, I: int) -> list[Piece] | None:
+        """`read`'s tensors as stored, for a read straight into a slot; None where one is missing (`read` says)."""
+        whole = slice(None)
+        pieces = ([Piece("w_in", whole, self.up, None)] if self.gate is None else
+                  [Piece("w_in", slice(0, I), self.gate, None), Piece("w_in", slice(I, 2 * I), self.up, None)])
+        pieces.append(Piece("w_out", whole, self.down, None))
+        pieces += [Piece(field, whole, t, None) for field, t in (("b_in", self.up_bias), ("b_out", self.down_bias))
+                   if t is not None]
+        pieces = [Piece(p.field, p.rows, f"{prefix}.{p.name.format(e=e)}", None) for p in pieces]
+        return pieces if all(p.name in ckpt for p in pieces) else None
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,17 @@ class Fused:
         if self.down_bias is not None and f"{prefix}.{self.down_bias}" in ckpt:
             b_out = get(self.down_bias, (D,))
         return ExpertTensors(w_in=w_in, w_out=get(self.down, (D, I)), b_in=b_in, b_out=b_out)
+
+    def pieces(self, ckpt: Checkpoint, prefix: str, e: int, I: int) -> list[Piece] | None:
+        """`read`'s tensors as stored, for a read straight into a slot; None where they need a transform
+        (transposed, interleaved) or one is missing."""
+        if self.transposed or self.interleaved:
+            return None
+        whole, names = slice(None), (("w_in", self.gate_up), ("w_out", self.down), ("b_in", self.gate_up_bias),
+                                     ("b_out", self.down_bias))
+        pieces = [Piece(field, whole, f"{prefix}.{name}", e) for field, name in names
+                  if name is not None and f"{prefix}.{name}" in ckpt]
+        return pieces if {p.field for p in pieces} >= {"w_in", "w_out"} else None
 
 
 # Tried in order; the first whose expert-0 tensor is present wins.

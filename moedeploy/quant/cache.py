@@ -132,11 +132,10 @@ class QuantCache:
         self.name = f"{_digest(self.identity)}-{_digest(self.key)}"
         self.dir = self.parent / self.name
 
-    def ensure(self, layers: Sequence[tuple[str, Callable[[], object]]],
-               release: Callable[[], None] = lambda: None) -> list[QuantizedDiskStore]:
+    def ensure(self, layers: Sequence[tuple[str, Callable[[], object]]]) -> list[QuantizedDiskStore]:
         """Each layer's `QuantizedDiskStore`, from the cache; (re)built first when it is absent or unusable.
         `layers`: per MoE layer, in model order, its module path and a function that gives its float expert
-        store (store.DiskStore); `release` is called after each layer is quantized (the checkpoint's unmap)."""
+        store (store.DiskStore)."""
         paths = [path for path, _ in layers]
         manifest, problem = self._check(paths)
         if manifest is None:
@@ -148,7 +147,7 @@ class QuantCache:
                 warnings.warn(f"moedeploy: {problem}; rebuilding it", QuantCacheWarning, stacklevel=4)
             else:
                 log.info("moedeploy: quantizing the experts to %s once, into %s", self.spec.dtype, self.dir)
-            manifest = self._build(layers, release) or self._check(paths)[0]
+            manifest = self._build(layers) or self._check(paths)[0]
             if manifest is None:
                 raise CheckpointError(f"moedeploy's quantized cache {self.dir} was written by another process but "
                                       f"is unusable ({self._check(paths)[1]}); delete it and load again")
@@ -230,7 +229,7 @@ class QuantCache:
             except (PermissionError, OverflowError, OSError):
                 continue
 
-    def _build(self, layers: Sequence[tuple[str, Callable[[], object]]], release: Callable[[], None]) -> dict | None:
+    def _build(self, layers: Sequence[tuple[str, Callable[[], object]]]) -> dict | None:
         """Quantize every layer into a temporary folder, then rename it into place. The manifest written,
         or None when another process put a cache in place first (the caller checks it)."""
         try:
@@ -246,7 +245,6 @@ class QuantCache:
                        unit="layer", file=sys.stderr, disable=None)
             for i, (path, store_of) in enumerate(bar):
                 bank = QuantizedBank.from_store(store_of(), self.spec, self.dtype)
-                release()
                 file = tmp / f"layer_{i:03d}.safetensors"
                 names = bank.tensor_names()
                 save_file(dict(zip(names, bank.tensors())), str(file),

@@ -3,7 +3,7 @@
 `QuantizedDiskStore` one quantized expert from moedeploy's quantized cache (quantized.py)."""
 
 from .checkpoint import Checkpoint
-from .experts import STORES, DiskStore, HostStore
+from .experts import STORES, DiskStore, HostStore, default_store
 from .quantized import QuantizedDiskStore
 
-__all__ = ["STORES", "Checkpoint", "DiskStore", "HostStore", "QuantizedDiskStore"]
+__all__ = ["STORES", "Checkpoint", "DiskStore", "HostStore", "QuantizedDiskStore", "default_store"]

@@ -1,13 +1,10 @@
 """Read tensors by name from a Hugging Face checkpoint directory's safetensors files.
 
-Files are memory-mapped (`safe_open`): reading one tensor, or one expert's slice of a fused tensor,
-touches only those bytes. This module knows nothing about models; it validates that the directory is
-a checkpoint and that its files are whole, and says so clearly when they are not.
-
-Pages read through a mapping stay in the process's resident memory while the file is mapped, though
-their bytes were copied elsewhere. `release()` unmaps every file (the loader calls it after each layer's
-experts are stacked, and when loading ends; the weights it keeps are read with `copy=True`); the next
-read maps the file again.
+Reading one tensor, or one expert's slice of a fused tensor, touches only those bytes: they are views of the
+file's mapping (tensorfile.py), whose pages leave the process's memory as reading goes on, so an expert store
+reading one expert per miss holds its slots, not the checkpoint. A tensor kept beyond loading is read with
+`copy=True` (it owns its memory). This module knows nothing about models; it validates that the directory
+is a checkpoint and that its files are whole, and says so clearly when they are not.
 """
 
 from __future__ import annotations
@@ -16,9 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from ..errors import CheckpointError
+from .tensorfile import TensorFile
 
 
 def _safetensors_files(root: Path) -> list[Path]:
@@ -50,27 +47,13 @@ class Checkpoint:
                 "(re-save the model with save_pretrained(..., safe_serialization=True))"
             )
         self.root = root
-        self._where: dict[str, Path] = {}  # tensor name -> its file
-        self._open: dict[Path, object] = {}  # file -> safe_open handle (mapped) until release()
-        for file in files:
-            for name in self._map(file).keys():
-                self._where[name] = file
-
-    def _map(self, file: Path):
-        handle = self._open.get(file)
-        if handle is None:
-            try:
-                handle = self._open[file] = safe_open(str(file), framework="pt")
-            except Exception as ex:  # safetensors raises its own error type for a bad header or short file
-                raise CheckpointError(
-                    f"{file} is not a readable safetensors file ({ex}); it may be truncated or corrupt: "
-                    "copy or download it again"
-                ) from ex
-        return handle
+        self._files = {file: TensorFile(file) for file in files}  # headers checked here
+        self._where: dict[str, TensorFile] = {name: f for f in self._files.values() for name in f.entries}
 
     def release(self) -> None:
-        """Unmap every file: the pages read so far leave this process (tensors read keep their own copies)."""
-        self._open.clear()
+        """Drop every page read so far from the process and let the mappings go (the next read maps again)."""
+        for f in self._files.values():
+            f.close()
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -78,22 +61,30 @@ class Checkpoint:
     def has_prefix(self, prefix: str) -> bool:
         return any(name.startswith(prefix) for name in self._where)
 
-    def _handle(self, name: str):
+    def _file(self, name: str) -> TensorFile:
         try:
-            return self._map(self._where[name])
+            return self._where[name]
         except KeyError:
             raise CheckpointError(f"{self.root}: tensor {name!r} is missing from the checkpoint") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._file(name).entry(name).shape
 
     def read(self, name: str, dtype: torch.dtype | None = None, copy: bool = False) -> torch.Tensor:
-        """Tensor `name` (in `dtype`). safetensors' tensors share the file's mapping, which then stays mapped,
-        pages and all, while they live: `copy=True` for one kept beyond loading (it owns its memory)."""
-        t = self._handle(name).get_tensor(name)
+        """Tensor `name` (in `dtype`): a view of the file's mapping unless converted, or `copy=True` for one kept
+        beyond loading (it owns its memory)."""
+        t = self._file(name).read(name)
         return t if dtype is None and not copy else t.to(dtype or t.dtype, copy=copy)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._file(name).entry(name).dtype
+
+    def read_into(self, name: str, index: int | None, out: torch.Tensor) -> None:
+        """`read(name)` (or its [index]) straight into `out`, contiguous on the CPU in the stored dtype: one copy
+        from the OS's page cache, no page of the file left in the process (an expert store's miss)."""
+        self._file(name).read_into(name, index, out)
 
     def read_index(self, name: str, index: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """`read(name)[index]` without reading the rest of the tensor (one expert of a fused tensor)."""
-        t = self._handle(name).get_slice(name)[index]
+        t = self._file(name).read(name, index)
         return t if dtype is None else t.to(dtype)

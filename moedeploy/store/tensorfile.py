@@ -1,0 +1,162 @@
+"""One safetensors file, read through a mapping whose pages are dropped from the process as reading goes on.
+
+safetensors' own reader (`safe_open`) maps the file, and every page read through the mapping stays in the
+process's resident memory while the file is mapped, though its bytes were copied elsewhere: an expert store
+reading one expert per miss would, over a long run, hold the whole checkpoint (its RSS grows past a
+resident model's). Here `read` gives views of the mapping (no copy, as safetensors does), and once
+`DROP_BYTES` have been read the mapping's pages are dropped (`madvise(MADV_DONTNEED)`): they stay in the OS's
+page cache (shared, reclaimable, not the process's), and a view still in use reads its bytes again from there
+(the mapping is private and never written, so dropping a page never loses data).
+
+The format (https://github.com/huggingface/safetensors): 8 bytes, the header's length N (little-endian), N
+bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data,
+offsets relative to its start, each tensor C-contiguous. The header is checked against the file's size and
+each tensor's byte count, so a truncated or corrupt file is refused when opened, not read as garbage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+MAX_HEADER = 100 << 20  # safetensors' own limit on the header's size
+DROP_BYTES = 64 << 20  # bytes read between two drops of the mapping's pages: what the mapping may hold
+
+
+@dataclass(frozen=True)
+class Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+
+class TensorFile:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries = _header(self.path)  # name -> Entry, in the file's order
+        self._map: mmap.mmap | None = None
+        self._read = 0  # bytes read through the mapping since the last drop
+        self._fd: int | None = None  # for read_into
+
+    def keys(self):
+        return self.entries.keys()
+
+    def entry(self, name: str) -> Entry:
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing") from None
+
+    def read(self, name: str, index: int | None = None) -> Tensor:
+        """Tensor `name`, or its `index`-th slice along the first axis (one expert of a fused tensor), as a view
+        of the file's mapping: copy what is kept beyond the next read."""
+        e = self.entry(name)
+        shape, begin, end = e.shape, e.begin, e.end
+        if index is not None:
+            if not shape or not 0 <= index < shape[0]:
+                raise IndexError(f"{self.path}: index {index} is outside {name!r} of shape {list(shape)}")
+            row = (end - begin) // shape[0]
+            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        if end == begin:
+            return torch.empty(shape, dtype=e.dtype)
+        self._read += end - begin
+        if self._read > DROP_BYTES:
+            self.drop()
+            self._read = end - begin
+        raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, count=end - begin, offset=begin)
+        if begin % e.dtype.itemsize:  # not aligned for its dtype: a copy that is
+            raw = raw.clone()
+        return raw.view(e.dtype).view(shape)
+
+    def read_into(self, name: str, index: int | None, out: Tensor) -> None:
+        """`read(name, index)` straight into `out` (contiguous, on the CPU, its dtype and size) by positional reads:
+        no mapping, no page of the file in the process, one copy (from the OS's page cache). Safe from several
+        threads at once."""
+        e = self.entry(name)
+        begin, end = e.begin, e.end
+        if index is not None:
+            row = (end - begin) // e.shape[0]
+            begin, end = begin + index * row, begin + (index + 1) * row
+        if out.dtype != e.dtype or out.numel() * out.element_size() != end - begin or not out.is_contiguous():
+            raise ValueError(f"{self.path}: {name!r}[{index}] ({e.dtype}, {end - begin} bytes) does not fit "
+                             f"{out.dtype} {list(out.shape)}")
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
+        while done < len(view):
+            n = os.preadv(self._fd, [view[done:]], begin + done)
+            if n == 0:
+                raise CheckpointError(f"{self.path} ended early (truncated while in use?); copy it again")
+            done += n
+
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:
+            with open(self.path, "rb") as f:  # private (copy-on-write): a stray write never reaches the file
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._map
+
+    def drop(self) -> None:
+        """The pages read so far leave the process (views stay valid: they read them again if used)."""
+        if self._map is not None:
+            self._map.madvise(mmap.MADV_DONTNEED)
+
+    def close(self) -> None:
+        """Drop the pages and let the mapping go (unmapped once no view of it is left); close the file."""
+        self.drop()
+        self._map, self._read = None, 0
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _header(path: Path) -> dict[str, Entry]:
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{path} is not a readable safetensors file ({why}); it may be truncated or corrupt: "
+                               "copy or download it again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("shorter than its header")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                raise bad(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as ex:
+        raise bad(str(ex)) from ex
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries, start = {}, 8 + n
+    for name, spec in header.items():
+        try:
+            dtype, shape, (begin, end) = DTYPES.get(spec["dtype"]), tuple(spec["shape"]), spec["data_offsets"]
+        except (TypeError, KeyError, ValueError) as ex:
+            raise bad(f"tensor {name!r} has no dtype, shape and data_offsets") from ex
+        if dtype is None:
+            raise bad(f"tensor {name!r} has dtype {spec['dtype']}, which moedeploy does not read")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if end - begin != nbytes or begin < 0 or start + end > size:
+            raise bad(f"tensor {name!r} ({spec['dtype']} {list(shape)}) spans bytes {begin}..{end} of "
+                      f"{size - start}")
+        entries[name] = Entry(dtype, shape, start + begin, start + end)
+    return entries
