@@ -82,8 +82,10 @@ class DiskStore:
             return False  # a pre-quantized checkpoint reads dequantized; CUDA slots take `read`'s views
         e = expert if self.ids is None else self.ids[expert]
         pieces = self.layout.pieces(self.ckpt, self.prefix, e, self.I)
-        fields = [name for name in FIELDS if pieces and any(p.field == name for p in pieces)]
-        if pieces is None or len(fields) != len(dst):
+        if pieces is None:
+            return False
+        fields = [name for name in FIELDS if any(p.field == name for p in pieces)]
+        if len(fields) != len(dst):
             return False
         out = dict(zip(fields, dst, strict=True))
         targets = [out[p.field][p.rows] for p in pieces]
@@ -94,6 +96,7 @@ class DiskStore:
             if tuple(stored) != tuple(t.shape):
                 raise CheckpointError(f"expert tensor {p.name} has shape {tuple(stored)}, expected "
                                       f"{tuple(t.shape)} from config.json")
+        for p, t in zip(pieces, targets, strict=True):
             self.ckpt.read_into(p.name, p.index, t)
         return True
 

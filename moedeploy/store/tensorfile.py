@@ -1,12 +1,16 @@
-"""One safetensors file, read through a mapping whose pages are dropped from the process as reading goes on.
+"""One safetensors file, read so that the pages read do not stay in the process.
 
 safetensors' own reader (`safe_open`) maps the file, and every page read through the mapping stays in the
 process's resident memory while the file is mapped, though its bytes were copied elsewhere: an expert store
 reading one expert per miss would, over a long run, hold the whole checkpoint (its RSS grows past a
-resident model's). Here `read` gives views of the mapping (no copy, as safetensors does), and once
-`DROP_BYTES` have been read the mapping's pages are dropped (`madvise(MADV_DONTNEED)`): they stay in the OS's
-page cache (shared, reclaimable, not the process's), and a view still in use reads its bytes again from there
-(the mapping is private and never written, so dropping a page never loses data).
+resident model's). Here:
+
+- `read_into` reads a tensor (or one expert's slice) straight into a tensor of the caller's, a slot, by
+  positional reads (`os.preadv`): one copy from the OS's page cache, nothing mapped (an expert store's miss);
+- `read` gives a view of a mapping (no copy, as safetensors does: loading, and reads that convert), and once
+  `DROP_BYTES` have been read the mapping's pages are dropped (`madvise(MADV_DONTNEED)`): they stay in the
+  OS's page cache (shared, reclaimable, not the process's), and a view still in use reads its bytes again
+  from there (the mapping is private and never written, so dropping a page never loses data).
 
 The format (https://github.com/huggingface/safetensors): 8 bytes, the header's length N (little-endian), N
 bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data,
@@ -51,25 +55,26 @@ class TensorFile:
         self._read = 0  # bytes read through the mapping since the last drop
         self._fd: int | None = None  # for read_into
 
-    def keys(self):
-        return self.entries.keys()
-
     def entry(self, name: str) -> Entry:
         try:
             return self.entries[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing") from None
 
+    def _extent(self, name: str, index: int | None) -> tuple[Entry, int, int, tuple[int, ...]]:
+        """Tensor `name`, or its `index`-th slice along the first axis: (entry, begin, end, shape)."""
+        e = self.entry(name)
+        if index is None:
+            return e, e.begin, e.end, e.shape
+        if not e.shape or not 0 <= index < e.shape[0]:
+            raise IndexError(f"{self.path}: index {index} is outside {name!r} of shape {list(e.shape)}")
+        row = (e.end - e.begin) // e.shape[0]
+        return e, e.begin + index * row, e.begin + (index + 1) * row, e.shape[1:]
+
     def read(self, name: str, index: int | None = None) -> Tensor:
         """Tensor `name`, or its `index`-th slice along the first axis (one expert of a fused tensor), as a view
         of the file's mapping: copy what is kept beyond the next read."""
-        e = self.entry(name)
-        shape, begin, end = e.shape, e.begin, e.end
-        if index is not None:
-            if not shape or not 0 <= index < shape[0]:
-                raise IndexError(f"{self.path}: index {index} is outside {name!r} of shape {list(shape)}")
-            row = (end - begin) // shape[0]
-            begin, end, shape = begin + index * row, begin + (index + 1) * row, shape[1:]
+        e, begin, end, shape = self._extent(name, index)
         if end == begin:
             return torch.empty(shape, dtype=e.dtype)
         self._read += end - begin
@@ -85,11 +90,7 @@ class TensorFile:
         """`read(name, index)` straight into `out` (contiguous, on the CPU, its dtype and size) by positional reads:
         no mapping, no page of the file in the process, one copy (from the OS's page cache). Safe from several
         threads at once."""
-        e = self.entry(name)
-        begin, end = e.begin, e.end
-        if index is not None:
-            row = (end - begin) // e.shape[0]
-            begin, end = begin + index * row, begin + (index + 1) * row
+        e, begin, end, _ = self._extent(name, index)
         if out.dtype != e.dtype or out.numel() * out.element_size() != end - begin or not out.is_contiguous():
             raise ValueError(f"{self.path}: {name!r}[{index}] ({e.dtype}, {end - begin} bytes) does not fit "
                              f"{out.dtype} {list(out.shape)}")
