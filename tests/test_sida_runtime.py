@@ -220,6 +220,30 @@ def test_the_engine_predicts_per_request_and_stays_exact():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_engine_predicts_queued_prompts_and_stays_exact():
+    """On CUDA the engine's queued prompts are predicted ahead by default, on the predictor's stream, while other
+    requests run; the engine still generates the resident engine's tokens."""
+    from transformers import AutoTokenizer
+
+    from moedeploy.engine import Engine, EngineConfig, SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(moedeploy.api.DEMO_MODEL)
+    prompts = [tokenizer(t).input_ids for t in ("ROMEO. But soft,", "The king is dead, and the queen",
+                                                 "Now is the winter of our discontent")]
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    config = EngineConfig(max_batch_tokens=8, max_running=2)
+    want = [o.tokens for o in Engine(moedeploy.load(device="cuda"), tokenizer, config).generate(prompts, greedy)]
+    model = moedeploy.load(device="cuda", expert_memory=0.25, prefetch="sida")
+    ahead = model.moedeploy.ahead
+    assert ahead.queued and ahead.stream is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = [o.tokens for o in Engine(model, tokenizer, config).generate(prompts, greedy)]
+    assert got == want
+    assert ahead.stats.prepared >= 1 and not ahead.prepared
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("scope", ["layer", "global"])
 def test_cuda_sida_prefetch_is_bit_identical(scope):
     """On CUDA the predictor works on its own stream and prefetches run on the side stream."""
