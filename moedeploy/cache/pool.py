@@ -177,7 +177,7 @@ class SlotPool:
         dst, src = [], []
         for (layer, expert), slot in copies:
             store, views = self.stores[layer], [slots[slot] for slots in self.slots.tensors()]
-            if hasattr(store, "read_into") and store.read_into(expert, views):
+            if store.read_into(expert, views):
                 continue  # read from disk straight into the slot
             for view, t in zip(views, store.read(expert), strict=True):
                 dst.append(view)

@@ -45,6 +45,10 @@ class HostStore:
     def read(self, expert: int) -> tuple[Tensor, ...]:
         return tuple(t[expert] for t in self.bank.tensors())
 
+    def read_into(self, expert: int, dst: tuple[Tensor, ...]) -> bool:
+        """False: the pool copies `read`'s views of the bank (with the step's other copies, in one call)."""
+        return False
+
 
 @dataclass(frozen=True)
 class DiskStore:
