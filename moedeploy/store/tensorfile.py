@@ -50,10 +50,10 @@ class Entry:
 class TensorFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.entries = _header(self.path)  # name -> Entry, in the file's order
         self._map: mmap.mmap | None = None
         self._read = 0  # bytes read through the mapping since the last drop
         self._fd: int | None = None  # for read_into
+        self.entries = _header(self.path)  # name -> Entry, in the file's order
 
     def entry(self, name: str) -> Entry:
         try:
