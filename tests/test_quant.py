@@ -166,6 +166,33 @@ def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):
     assert model.moedeploy.stats()["backend"] == ["quantized"]
 
 
+def test_bench_decode_reports_rates_against_the_best_bandwidth_of_the_run(tiny, capsys, monkeypatch):
+    """`bench decode` without llama.cpp: one row per configuration and thread count, each share computed from the
+    best read bandwidth of the run (measured first, then again after every round); a GGUF without llama.cpp is
+    refused."""
+    import json
+
+    from moedeploy.bench import decode
+    from moedeploy.cli import main
+
+    measured = iter([1e9, 3e9, 2e9])  # before the rounds, after round 1, after round 2
+    monkeypatch.setattr(decode, "read_bandwidth", lambda threads, repeats=5, a=None: next(measured))
+    path = str(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
+    assert main(["bench", "decode", "--model", path, "--configs", "float32,float32+int8", "--threads", "1",
+                 "--rounds", "2", "--new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert next(measured, None) is None and out["read_bandwidth"] == {"1": 3e9}
+    assert [(r["config"], r["threads"]) for r in out["rows"]] == [("float32", 1), ("float32+int8", 1)]
+    for row in out["rows"]:
+        assert row["decode_tok_s"] > 0
+        assert row["bound_tok_s"] == round(3e9 / row["bytes_per_token"], 1)
+        assert row["bandwidth_share"] == pytest.approx(row["decode_tok_s"] / row["bound_tok_s"], rel=1e-2, abs=1e-3)
+    rows = {r["config"]: r for r in out["rows"]}
+    assert rows["float32+int8"]["bytes_per_token"] < rows["float32"]["bytes_per_token"]
+    with pytest.raises(SystemExit, match="--gguf needs --llama-cpp"):
+        main(["bench", "decode", "--model", path, "--gguf", "q8=x.gguf"])
+
+
 def test_bench_quant_reports_one_json_object(tiny, capsys, tmp_path):
     import json
 

@@ -5,8 +5,9 @@ Decoding a large MoE on a CPU reads, per token, every dense weight and the K rou
     bytes per token = dense bytes (without the embedding table: one row is read) + sum over MoE layers of K * expert bytes
     bound (tok/s)   = read bandwidth / bytes per token
 
-The read bandwidth is measured here, per thread count (a sum over 1 GiB of float32, best of 5), so each rate is
-also reported as a share of its bound. Configurations are `MODEL_DTYPE[+EXPERT_DTYPE]` (`float32`,
+The read bandwidth is measured here, per thread count (a sum over 1 GiB of float32), before the first round and
+again after every round, and the best is kept (on a shared machine one early measurement can come out low
+and put a rate above its "bound"), so each rate is also reported as a share of its bound. Configurations are `MODEL_DTYPE[+EXPERT_DTYPE]` (`float32`,
 `bfloat16`, `bfloat16+int8`, `bfloat16+int4`); llama.cpp runs through its own `llama-bench` (`--llama-cpp
 DIR --gguf NAME=FILE ...`: DIR a llama.cpp checkout built in DIR/build; text generation only, the same
 number of tokens), its bytes per token read from the GGUF's tensor table (DIR/gguf-py) the same way. Every round runs every configuration once per thread count, so drift
@@ -31,10 +32,11 @@ from .layer import machine
 GIB = 1 << 30
 
 
-def read_bandwidth(threads: int, repeats: int = 5) -> float:
-    """Bytes/s of a plain streaming read (torch.sum over 1 GiB of float32) with `threads` threads."""
+def read_bandwidth(threads: int, repeats: int = 5, a: torch.Tensor | None = None) -> float:
+    """Bytes/s of a plain streaming read (torch.sum over 1 GiB of float32, or over `a`) with `threads` threads,
+    best of `repeats`."""
     torch.set_num_threads(threads)
-    a = torch.ones(GIB // 4)
+    a = torch.ones(GIB // 4) if a is None else a
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -102,7 +104,8 @@ def run(args) -> int:
         raise SystemExit("bench decode: --gguf needs --llama-cpp DIR, a llama.cpp checkout with build/bin/llama-bench "
                          "(cmake -B build && cmake --build build --target llama-bench)")
     log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr))
-    bandwidth = {n: read_bandwidth(n) for n in threads}
+    probe = torch.ones(GIB // 4)  # the read-bandwidth probe, kept for the re-measurements after each round
+    bandwidth = {n: read_bandwidth(n, a=probe) for n in threads}
     log("read bandwidth: " + ", ".join(f"{n} thread(s) {b / 1e9:.1f} GB/s" for n, b in bandwidth.items()))
     models = {c: _load(args.model, c) for c in configs}
     first = next(iter(models.values()))
@@ -126,6 +129,7 @@ def run(args) -> int:
                 rates[c, n].append(decode_rate(m, ids, args.new_tokens)[0])
             for name, f in ggufs.items():
                 rates[f"llama.cpp {name}", n].append(llama_bench(binary, Path(f), n, args.new_tokens, args.timeout))
+            bandwidth[n] = max(bandwidth[n], read_bandwidth(n, repeats=2, a=probe))
         log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c} x{n} {v[-1]:.1f}" for (c, n), v in rates.items()))
     rows = []
     for c, b in per_token.items():
