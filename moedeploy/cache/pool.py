@@ -126,7 +126,11 @@ class SlotPool:
             self.stats.misses += 1
             slot = self._place(key, needed)
             if self.transfers is not None:
-                self.transfers.demand(lambda: self._copy([(key, slot)]))
+                try:
+                    self.transfers.demand(lambda: self._copy([(key, slot)]))
+                except BaseException:
+                    self._forget({slot})  # half written: never a hit
+                    raise
         self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
         self.stats.resident_at.append(time.perf_counter())
         return [self.slot_of[k] for k in keys]
@@ -189,7 +193,22 @@ class SlotPool:
         """`slot`'s prefetch copy is done before anything after this reads or overwrites the slot."""
         handle = self.in_flight.pop(slot, None)
         if handle is not None:
-            self.transfers.wait(handle)
+            try:
+                self.transfers.wait(handle)
+            except BaseException:  # the batch's copy failed: none of its slots holds its expert
+                self._forget({slot} | {s for s, h in self.in_flight.items() if h is handle})
+                raise
+
+    def _forget(self, slots: set[int]) -> None:
+        """`slots` hold nothing usable (a copy into them failed): their keys leave, and the slots are free."""
+        for key in [k for k, s in self.slot_of.items() if s in slots]:
+            del self.slot_of[key]
+            self.policy.on_evict(key)
+            self.unused_prefetch.discard(key)
+        for slot in slots:
+            self.in_flight.pop(slot, None)
+            if slot not in self.free:
+                self.free.append(slot)
 
     def drain(self) -> None:
         """Wait for every copy in flight and bring their times into the statistics."""
