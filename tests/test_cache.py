@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import moedeploy
-from moedeploy import OptionError
+from moedeploy import CheckpointError, OptionError
 from moedeploy.cache.policies import make_policy
 
 FAMILIES = ["qwen3_moe", "gpt_oss", "deepseek_v3", "switch_transformers"]  # plain, biases, shared, capacity
@@ -322,6 +322,38 @@ def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
     assert pool.stats.stall_s >= 0.02 and not pool.in_flight
 
 
+@pytest.mark.parametrize("prefetched", [False, True])
+def test_a_failed_copy_leaves_no_expert_behind(prefetched):
+    """A copy that fails (a demand miss, or a prefetch whose error surfaces when its slot is waited for) raises,
+    and its key is not resident afterwards: the next acquire misses and copies again, never a hit on a
+    half-written slot."""
+    from moedeploy.cache.pool import SlotPool
+    from moedeploy.experts import Activation, ExpertBank
+    from moedeploy.store import HostStore
+
+    bank = ExpertBank(torch.randn(4, 6, 3), torch.randn(4, 3, 3), Activation(torch.nn.SiLU(), gated=True))
+    broken = {2}
+
+    class FailingStore(HostStore):
+        def read(self, expert):
+            if expert in broken:
+                raise OSError("the disk went away")
+            return super().read(expert)
+
+    pool = SlotPool(2, make_policy("lru"), bank, torch.device("cpu"), prefetch=prefetched)
+    pool.register(0, FailingStore(bank))
+    if prefetched:
+        pool.prefetch([(0, 2)])
+    with pytest.raises(OSError, match="went away"):
+        pool.acquire([(0, 2)])
+    assert (0, 2) not in pool.slot_of and not pool.in_flight and len(pool.free) == 2
+    broken.clear()
+    misses = pool.stats.misses
+    (slot,) = pool.acquire([(0, 2)])
+    assert pool.stats.misses == misses + 1
+    assert torch.equal(pool.slots.w_in[slot], bank.w_in[2]) and torch.equal(pool.slots.w_out[slot], bank.w_out[2])
+
+
 @pytest.mark.parametrize("store", ["host", "disk"])
 def test_a_budgeted_model_keeps_its_experts_in_the_store_when_it_moves(tiny, store):
     """Under a budget only the slots belong on the device: moving the model leaves the layers' expert
@@ -403,14 +435,20 @@ def test_a_cpu_budget_keeps_its_experts_on_disk_unless_told(tiny):
     assert stores == {"default": {"DiskStore"}, "host": {"HostStore"}, "disk": {"DiskStore"}}
 
 
-def test_the_checkpoint_reader_reads_what_safetensors_reads(tmp_path):
-    """Positional reads of whole tensors and of one index along the first axis give safetensors' own tensors,
-    in every dtype a checkpoint holds."""
+@pytest.mark.parametrize("positional", [True, False])
+def test_the_checkpoint_reader_reads_what_safetensors_reads(tmp_path, monkeypatch, positional):
+    """Views of the mapping (`read`) and reads into a tensor of the caller's (`read_into`: positional reads, or
+    through the mapping where the OS has no `preadv`) of whole tensors and of one index along the first axis
+    give safetensors' own tensors, in every dtype a checkpoint holds."""
+    import os
+
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     from moedeploy.store.tensorfile import TensorFile
 
+    if not positional:
+        monkeypatch.delattr(os, "preadv")
     g = torch.Generator().manual_seed(0)
     tensors = {f"t.{dtype}": (torch.randn(5, 3, 7, generator=g) * 50).to(dtype)
                for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.int8, torch.uint8, torch.int64,
@@ -418,16 +456,59 @@ def test_the_checkpoint_reader_reads_what_safetensors_reads(tmp_path):
     tensors["scalar"] = torch.tensor(3.5)
     save_file(tensors, tmp_path / "x.safetensors")
     f = TensorFile(tmp_path / "x.safetensors")
+
+    def same(a, b):
+        return a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
     with safe_open(tmp_path / "x.safetensors", framework="pt") as want:
         for name in want.keys():
-            got, expected = f.read(name), want.get_tensor(name)
-            assert got.dtype == expected.dtype and torch.equal(got.reshape(-1).view(torch.uint8),
-                                                               expected.reshape(-1).view(torch.uint8)), name
-            if expected.dim():
-                for i in (0, 4):
-                    assert torch.equal(f.read(name, i).view(torch.uint8), want.get_slice(name)[i].view(torch.uint8))
-    with pytest.raises(IndexError, match="index 5 is outside"):
+            expected = want.get_tensor(name)
+            into = torch.empty_like(expected)
+            f.read_into(name, None, into)
+            assert same(f.read(name), expected) and same(into, expected), name
+            for i in (0, 4) if expected.dim() else ():
+                row = torch.empty_like(expected[i])
+                f.read_into(name, i, row)
+                assert same(f.read(name, i), want.get_slice(name)[i]) and same(row, expected[i]), (name, i)
+    with pytest.raises(CheckpointError, match="has no index 5"):
         f.read("t.torch.int8", 5)
+    with pytest.raises(ValueError, match="does not fit"):
+        f.read_into("t.torch.int8", 0, torch.empty(3, 7, dtype=torch.uint8))
+    f.close()
+
+
+def test_a_checkpoint_replaced_while_in_use_is_refused_not_read_at_its_old_offsets(tmp_path):
+    """The file is reopened after `close` (a disk store's misses after loading): a file replaced in between is
+    refused, whatever its size."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from moedeploy.store.tensorfile import TensorFile
+
+    path = tmp_path / "x.safetensors"
+    save_file({"a": torch.zeros(4, 8), "b": torch.ones(4, 8)}, path)
+    f = TensorFile(path)
+    assert torch.equal(f.read("b"), torch.ones(4, 8))
+    f.close()
+    save_file({"b": torch.full((4, 8), 2.0), "a": torch.zeros(4, 8)}, tmp_path / "new.safetensors")  # same size
+    os.replace(tmp_path / "new.safetensors", path)
+    with pytest.raises(CheckpointError, match="changed on disk since it was opened"):
+        f.read_into("b", None, torch.empty(4, 8))
+    with pytest.raises(CheckpointError, match="changed on disk since it was opened"):
+        f.read("b")
+
+
+def test_a_tensor_in_a_dtype_moedeploy_does_not_read_is_refused_only_when_read(tmp_path):
+    from safetensors.torch import save_file
+
+    from moedeploy.store.tensorfile import TensorFile
+
+    save_file({"w": torch.ones(2, 3), "ids": torch.arange(6, dtype=torch.int32).to(torch.uint32)}, tmp_path / "x.safetensors")
+    f = TensorFile(tmp_path / "x.safetensors")
+    assert torch.equal(f.read("w"), torch.ones(2, 3)) and "ids" in f.entries
+    with pytest.raises(CheckpointError, match="'ids' has dtype U32, which moedeploy does not read"):
+        f.read("ids")
     f.close()
 
 

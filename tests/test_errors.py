@@ -131,6 +131,22 @@ def test_corrupt_safetensors_header(copy_of, damage):
         moedeploy.load(path)
 
 
+@pytest.mark.parametrize("shape,offsets", [([-2, -2], [0, 16]), ([2.0, 2], [0, 16]), ([2, 2], ["0", "16"]),
+                                          ([True, 4], [0, 16]), ([2, 2], [16, 0])])
+def test_safetensors_header_with_impossible_shapes_or_offsets(tmp_path, shape, offsets):
+    """Shapes and offsets that are not counts (negative, fractional, strings, booleans, reversed) are refused
+    when the file is opened, with the file's name, not met later as a TypeError or garbage."""
+    import json
+
+    from moedeploy.store.tensorfile import TensorFile
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": shape, "data_offsets": offsets}}).encode()
+    file = tmp_path / "x.safetensors"
+    file.write_bytes(len(header).to_bytes(8, "little") + header + bytes(16))
+    with pytest.raises(CheckpointError, match="x.safetensors is not a readable safetensors file"):
+        TensorFile(file)
+
+
 def test_index_naming_a_missing_shard(copy_of):
     path = copy_of()
     (path / "model.safetensors.index.json").write_text(

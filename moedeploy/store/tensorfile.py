@@ -15,7 +15,11 @@ resident model's). Here:
 The format (https://github.com/huggingface/safetensors): 8 bytes, the header's length N (little-endian), N
 bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data,
 offsets relative to its start, each tensor C-contiguous. The header is checked against the file's size and
-each tensor's byte count, so a truncated or corrupt file is refused when opened, not read as garbage.
+each tensor's byte count, so a truncated or corrupt file is refused when opened, not read as garbage. The
+file is reopened (for the mapping, for positional reads) after `close`; a reopen checks that it is still the
+file whose header was read (same inode, size and modification time), so a checkpoint replaced while in use
+is refused, not read at its old offsets. A tensor in a dtype moedeploy does not read is refused when read,
+not when the file is opened.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import json
 import math
 import mmap
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +46,8 @@ DROP_BYTES = 64 << 20  # bytes read between two drops of the mapping's pages: wh
 
 @dataclass(frozen=True)
 class Entry:
-    dtype: torch.dtype
+    dtype: torch.dtype | None  # None: a dtype moedeploy does not read (`kind` names it)
+    kind: str  # the file's dtype name
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
     end: int
@@ -52,14 +58,18 @@ class TensorFile:
         self.path = Path(path)
         self._map: mmap.mmap | None = None
         self._read = 0  # bytes read through the mapping since the last drop
-        self._fd: int | None = None  # for read_into
-        self.entries = _header(self.path)  # name -> Entry, in the file's order
+        self._fd: int | None = None  # the open file (positional reads; the mapping maps it)
+        self._opening = threading.Lock()  # a miss and a prefetch may open the file at once
+        self.entries, self._identity = _header(self.path)  # name -> Entry, in the file's order
 
     def entry(self, name: str) -> Entry:
         try:
-            return self.entries[name]
+            e = self.entries[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing") from None
+        if e.dtype is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {e.kind}, which moedeploy does not read")
+        return e
 
     def _extent(self, name: str, index: int | None) -> tuple[Entry, int, int, tuple[int, ...]]:
         """Tensor `name`, or its `index`-th slice along the first axis: (entry, begin, end, shape)."""
@@ -67,7 +77,8 @@ class TensorFile:
         if index is None:
             return e, e.begin, e.end, e.shape
         if not e.shape or not 0 <= index < e.shape[0]:
-            raise IndexError(f"{self.path}: index {index} is outside {name!r} of shape {list(e.shape)}")
+            raise CheckpointError(f"{self.path}: tensor {name!r} of shape {list(e.shape)} has no index {index}; "
+                                  "the checkpoint holds fewer experts than its config.json says")
         row = (e.end - e.begin) // e.shape[0]
         return e, e.begin + index * row, e.begin + (index + 1) * row, e.shape[1:]
 
@@ -94,24 +105,37 @@ class TensorFile:
         if out.dtype != e.dtype or out.numel() * out.element_size() != end - begin or not out.is_contiguous():
             raise ValueError(f"{self.path}: {name!r}[{index}] ({e.dtype}, {end - begin} bytes) does not fit "
                              f"{out.dtype} {list(out.shape)}")
-        if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        if not hasattr(os, "preadv"):  # not on Windows: through the mapping
+            out.reshape(-1).view(torch.uint8).copy_(self.read(name, index).reshape(-1).view(torch.uint8))
+            return
+        fd = self._file()
         view, done = memoryview(out.reshape(-1).view(torch.uint8).numpy()), 0
         while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], begin + done)
+            n = os.preadv(fd, [view[done:]], begin + done)
             if n == 0:
                 raise CheckpointError(f"{self.path} ended early (truncated while in use?); copy it again")
             done += n
 
+    def _file(self) -> int:
+        """The open file, opened (again, after `close`) if need be, and checked to be the one whose header was read."""
+        with self._opening:
+            if self._fd is None:
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                if _identity(os.fstat(fd)) != self._identity:
+                    os.close(fd)
+                    raise CheckpointError(f"{self.path} changed on disk since it was opened (replaced or rewritten); "
+                                          "load the model again")
+                self._fd = fd
+            return self._fd
+
     def _mapping(self) -> mmap.mmap:
-        if self._map is None:
-            with open(self.path, "rb") as f:  # private (copy-on-write): a stray write never reaches the file
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if self._map is None:  # private (copy-on-write): a stray write never reaches the file
+            self._map = mmap.mmap(self._file(), 0, access=mmap.ACCESS_COPY)
         return self._map
 
     def drop(self) -> None:
         """The pages read so far leave the process (views stay valid: they read them again if used)."""
-        if self._map is not None:
+        if self._map is not None and hasattr(self._map, "madvise"):  # madvise: not on Windows
             self._map.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
@@ -127,14 +151,24 @@ class TensorFile:
             os.close(self._fd)
 
 
-def _header(path: Path) -> dict[str, Entry]:
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _offset(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _header(path: Path) -> tuple[dict[str, Entry], tuple[int, ...]]:
+    """The file's tensors, checked against its size, and the file's identity (`_identity`)."""
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{path} is not a readable safetensors file ({why}); it may be truncated or corrupt: "
                                "copy or download it again")
 
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
+            identity = _identity(os.fstat(f.fileno()))
+            size = identity[2]
             head = f.read(8)
             if len(head) < 8:
                 raise bad("shorter than its header")
@@ -150,14 +184,14 @@ def _header(path: Path) -> dict[str, Entry]:
     entries, start = {}, 8 + n
     for name, spec in header.items():
         try:
-            dtype, shape, (begin, end) = DTYPES.get(spec["dtype"]), tuple(spec["shape"]), spec["data_offsets"]
+            kind, shape, (begin, end) = spec["dtype"], tuple(spec["shape"]), spec["data_offsets"]
         except (TypeError, KeyError, ValueError) as ex:
             raise bad(f"tensor {name!r} has no dtype, shape and data_offsets") from ex
-        if dtype is None:
-            raise bad(f"tensor {name!r} has dtype {spec['dtype']}, which moedeploy does not read")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes or begin < 0 or start + end > size:
-            raise bad(f"tensor {name!r} ({spec['dtype']} {list(shape)}) spans bytes {begin}..{end} of "
-                      f"{size - start}")
-        entries[name] = Entry(dtype, shape, start + begin, start + end)
-    return entries
+        if not all(map(_offset, (*shape, begin, end))):
+            raise bad(f"tensor {name!r} has shape {list(shape)} and data offsets {[begin, end]}: not counts of "
+                      "elements and bytes")
+        dtype = DTYPES.get(kind)
+        if (dtype is not None and end - begin != math.prod(shape) * dtype.itemsize) or begin > end or start + end > size:
+            raise bad(f"tensor {name!r} ({kind} {list(shape)}) spans bytes {begin}..{end} of {size - start}")
+        entries[name] = Entry(dtype, str(kind), shape, start + begin, start + end)
+    return entries, identity
