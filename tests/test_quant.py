@@ -176,7 +176,7 @@ def test_bench_decode_reports_rates_against_the_best_bandwidth_of_the_run(tiny, 
     from moedeploy.cli import main
 
     measured = iter([1e9, 3e9, 2e9])  # before the rounds, after round 1, after round 2
-    monkeypatch.setattr(decode, "read_bandwidth", lambda threads, repeats=5, a=None: next(measured))
+    monkeypatch.setattr(decode, "read_bandwidth", lambda threads, repeats=5: next(measured))
     path = str(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
     assert main(["bench", "decode", "--model", path, "--configs", "float32,float32+int8", "--threads", "1",
                  "--rounds", "2", "--new-tokens", "4", "--json"]) == 0

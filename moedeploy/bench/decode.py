@@ -32,11 +32,11 @@ from .layer import machine
 GIB = 1 << 30
 
 
-def read_bandwidth(threads: int, repeats: int = 5, a: torch.Tensor | None = None) -> float:
-    """Bytes/s of a plain streaming read (torch.sum over 1 GiB of float32, or over `a`) with `threads` threads,
-    best of `repeats`."""
+def read_bandwidth(threads: int, repeats: int = 5) -> float:
+    """Bytes/s of a plain streaming read (torch.sum over 1 GiB of float32) with `threads` threads, best of `repeats`
+    (the GiB is freed after: between measurements it would crowd llama.cpp's GGUFs out of the page cache)."""
     torch.set_num_threads(threads)
-    a = torch.ones(GIB // 4) if a is None else a
+    a = torch.ones(GIB // 4)
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -104,8 +104,7 @@ def run(args) -> int:
         raise SystemExit("bench decode: --gguf needs --llama-cpp DIR, a llama.cpp checkout with build/bin/llama-bench "
                          "(cmake -B build && cmake --build build --target llama-bench)")
     log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr))
-    probe = torch.ones(GIB // 4)  # the read-bandwidth probe, kept for the re-measurements after each round
-    bandwidth = {n: read_bandwidth(n, a=probe) for n in threads}
+    bandwidth = {n: read_bandwidth(n) for n in threads}
     log("read bandwidth: " + ", ".join(f"{n} thread(s) {b / 1e9:.1f} GB/s" for n, b in bandwidth.items()))
     models = {c: _load(args.model, c) for c in configs}
     first = next(iter(models.values()))
@@ -129,7 +128,7 @@ def run(args) -> int:
                 rates[c, n].append(decode_rate(m, ids, args.new_tokens)[0])
             for name, f in ggufs.items():
                 rates[f"llama.cpp {name}", n].append(llama_bench(binary, Path(f), n, args.new_tokens, args.timeout))
-            bandwidth[n] = max(bandwidth[n], read_bandwidth(n, repeats=2, a=probe))
+            bandwidth[n] = max(bandwidth[n], read_bandwidth(n, repeats=2))
         log(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{c} x{n} {v[-1]:.1f}" for (c, n), v in rates.items()))
     rows = []
     for c, b in per_token.items():

@@ -37,8 +37,8 @@ class QuantizedDiskStore:
             try:
                 self._handle = TensorFile(self.path)
             except CheckpointError as ex:
-                raise CheckpointError(f"{self.path} (moedeploy's quantized cache) is not readable ({ex}); delete "
-                                      "it and load again to rebuild it") from ex
+                raise CheckpointError(f"moedeploy's quantized cache {self.path} is truncated or corrupt; delete it "
+                                      "and load again to rebuild it") from ex
         return self._handle
 
     def read(self, expert: int) -> tuple[Tensor, ...]:
