@@ -241,8 +241,8 @@ class QuantCache:
                               "MOEDEPLOY_CACHE to a writable folder") from ex
         try:
             entries = []
-            bar = tqdm(layers, desc=f"moedeploy: quantizing experts to {self.spec.dtype} (first load, cached)",
-                       unit="layer", file=sys.stderr, disable=None)
+            bar = tqdm(layers, desc=f"moedeploy: quantizing experts to {self.spec.dtype} (first load; cached in "
+                                    f"{self.parent}, or MOEDEPLOY_CACHE)", unit="layer", file=sys.stderr, disable=None)
             for i, (path, store_of) in enumerate(bar):
                 bank = QuantizedBank.from_store(store_of(), self.spec, self.dtype)
                 file = tmp / f"layer_{i:03d}.safetensors"
