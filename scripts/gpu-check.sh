@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and its own Python (torch >= 2.11, transformers >= 5.17, accelerate,
 # pytest, pytest-timeout), from the repository root, without installing moedeploy: the CUDA tests of
-# expert buffering, then the end-to-end offload benchmark on the GPU. Results go to OUT_DIR (default $OUT).
+# expert buffering and prediction, SiDA's decode under budgets on the GPU, then the end-to-end offload
+# benchmark. Results go to OUT_DIR (default $OUT).
 #   scripts/gpu-check.sh [OUT_DIR]
 set -o pipefail
 out=${1:-${OUT:?give an output folder}}
@@ -11,6 +12,10 @@ python3 -c 'import torch; assert torch.cuda.is_available(), "no CUDA device"; pr
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -rfE --tb=short -p no:cacheprovider --timeout 300 tests/test_cache.py tests/test_sida_runtime.py -k "cuda or identical" 2>&1 | tee "$out/cuda-tests.log"
 tests=$?
+# SiDA on the GPU (issue 12): the demo model at 10/20/50% of its expert bytes, no prefetch / lookahead / sida,
+# each budget's transfer bound over PCIe beside its measured time per token; then the predictor's cost.
+python3 -m moedeploy bench predict --device cuda --parts cost,decode --rounds 3 --json \
+  > "$out/predict-cuda.json" 2> "$out/predict-cuda.log"
 # The same 2.4 GB random Qwen3-MoE as the CPU run in docs/benchmarks.md ("End to end").
 python3 -m moedeploy make-tiny --family qwen3_moe --out /tmp/wide --set hidden_size=1024 --set num_hidden_layers=6 \
   --set num_experts=64 --set num_experts_per_tok=8 --set moe_intermediate_size=512 >/dev/null || exit 3

@@ -269,6 +269,33 @@ def test_bench_predict_serves_exactly(capsys):
                                                                          ("sida queued", 2)]
     assert all(r["same_tokens_as_resident"] and r["tokens_per_s"] > 0 for r in report["serve"])
     assert {r["config"] for r in report["decode"]} >= {"resident", "no prefetch", "sida"}
+    budgeted = [r for r in report["decode"] if r["budget"] is not None]
+    assert all(r["bytes_moved_per_token"] > 0 for r in budgeted if r["config"] == "no prefetch")
+    assert report["device"] == "cpu" and report["h2d_bytes_per_s"] is None
+    assert not any("transfer_bound_ms_per_token" in r for r in budgeted)  # a bound over PCIe: CUDA only
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_bench_predict_on_cuda_without_a_gpu_says_so(capsys):
+    from moedeploy.cli import main
+
+    assert main(["bench", "predict", "--parts", "decode", "--device", "cuda", "--json"]) == 2
+    assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bench_predict_reports_the_transfer_bound(capsys):
+    """On CUDA the decode part measures the pinned host-to-device bandwidth and reports each budget's transfer
+    bound (bytes moved per token over it) beside its measured time per token; exact routing stays exact."""
+    from moedeploy.cli import main
+
+    assert main(["bench", "predict", "--parts", "decode", "--device", "cuda", "--budgets", "0.25",
+                 "--new-tokens", "8", "--rounds", "1", "--prompt-tokens", "16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["h2d_bytes_per_s"] > 1e9
+    rows = {r["config"]: r for r in report["decode"] if r["budget"] is not None}
+    assert rows["no prefetch"]["transfer_bound_ms_per_token"] > 0 and rows["no prefetch"]["ms_per_token"] > 0
+    assert rows["sida"]["same_tokens_as_resident"]
 
 
 def test_a_failed_prediction_of_a_queued_prompt_fails_nothing():

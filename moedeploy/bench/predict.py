@@ -9,7 +9,9 @@ Three parts, each on the held-out plays (never tuned on):
   every round from an empty cache. Configurations: no prefetch (LRU), lookahead, sida (exact routing),
   sida + resident routing, sida + predicted routing. Reported: decode tokens/s and its ratio to no
   prefetch at the same budget, demand misses, prefetches and stall time per token, departures from the
-  router, and whether exact configurations generated the resident model's tokens.
+  router, and whether exact configurations generated the resident model's tokens. Expert bytes moved per token
+  too, and with `--device cuda` the transfer bound: those bytes over the measured pinned host-to-device
+  bandwidth, in ms per token, against the measured ms per token.
 - serve: the engine (engine/) given --requests prompts from the held-out text at once, half of them running
   and the rest queued, --new-tokens each, greedy: no prefetch, SiDA prefetch (exact routing), and SiDA with
   queued prompts predicted ahead (`Ahead.queued`, on by default on CUDA only) per budget, rounds interleaved;
@@ -47,6 +49,11 @@ CONFIGS = {  # name -> load options beside the budget
 }
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
     """The predictor's time per decode step against the model's (ms, medians over `steps`)."""
     from ..engine.runner import cache_keyword
@@ -60,11 +67,14 @@ def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
         out = model(input_ids=ids, use_cache=True)
         token = ids[:, -1:]
         for _ in range(steps):
+            _sync(ids.device)
             start = time.perf_counter()
             _, state = predictor.forward(token, state)
+            _sync(ids.device)
             times["predictor"].append(time.perf_counter() - start)
             start = time.perf_counter()
             out = model(input_ids=token, use_cache=True, **{name: out[name]})
+            _sync(ids.device)
             times["model"].append(time.perf_counter() - start)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"predictor_parameters": predictor.parameter_count(), "model_parameters": sum(
@@ -74,12 +84,14 @@ def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
             "predictor_share": round(ms["predictor"] / ms["model"], 3)}
 
 
-def decode(budgets, ids, new_tokens: int, rounds: int) -> list[dict]:
+def decode(budgets, ids, new_tokens: int, rounds: int, h2d: float | None = None) -> list[dict]:
+    """The decode part on `ids`' device; `h2d` (CUDA: pinned host-to-device bytes/s) adds the transfer bound."""
     from ..api import load
     from ..timing import decode_rate
 
-    resident = load()
-    models = {(None, "resident"): resident} | {(b, name): load(expert_memory=b, **HOST, **opts)
+    device = ids.device
+    resident = load(device=device)
+    models = {(None, "resident"): resident} | {(b, name): load(device=device, expert_memory=b, **HOST, **opts)
                                                for b in budgets for name, opts in CONFIGS.items()}
     rates = {key: [] for key in models}
     last = {}
@@ -108,14 +120,18 @@ def decode(budgets, ids, new_tokens: int, rounds: int) -> list[dict]:
             row |= {"misses_per_token": round(cache["misses"] / steps, 3),
                     "prefetched_per_token": round(cache["prefetched"] / steps, 3),
                     "useful_prefetches_per_token": round(cache["prefetch_hits"] / steps, 3),
-                    "stall_ms_per_token": round(cache["stall_s"] / steps * 1e3, 3)}
+                    "stall_ms_per_token": round(cache["stall_s"] / steps * 1e3, 3),
+                    "bytes_moved_per_token": round(cache["bytes_moved"] / steps)}
+            if h2d:
+                row |= {"ms_per_token": round(1e3 / rate, 3),
+                        "transfer_bound_ms_per_token": round(cache["bytes_moved"] / steps / h2d * 1e3, 3)}
         if "departed_pairs" in stats:
             row["departed_fraction"] = round(stats["departed_pairs"] / max(stats["routed_pairs"], 1), 4)
         rows.append(row)
     return rows
 
 
-def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int) -> list[dict]:
+def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int, device=torch.device("cpu")) -> list[dict]:
     from transformers import AutoTokenizer
 
     from ..api import DEMO_MODEL, load
@@ -124,9 +140,10 @@ def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int) -> li
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     config = EngineConfig(max_running=max(1, len(prompts) // 2))
-    want = [o.tokens for o in Engine(load(), tokenizer, config).generate(prompts, greedy)]
+    want = [o.tokens for o in Engine(load(device=device), tokenizer, config).generate(prompts, greedy)]
     configs = {"no prefetch": {}, "sida": {"prefetch": "sida"}, "sida queued": {"prefetch": "sida"}}
-    models = {(b, name): load(expert_memory=b, **HOST, **opts) for b in budgets for name, opts in configs.items()}
+    models = {(b, name): load(device=device, expert_memory=b, **HOST, **opts) for b in budgets
+              for name, opts in configs.items()}
     for (_, name), model in models.items():
         if name.startswith("sida"):
             model.moedeploy.ahead.queued = name == "sida queued"
@@ -156,7 +173,7 @@ def _since(before: dict | None, after: dict | None) -> dict | None:
     return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def quality(budgets, text: str, max_tokens: int, context: int) -> list[dict]:
+def quality(budgets, text: str, max_tokens: int, context: int, device=torch.device("cpu")) -> list[dict]:
     from transformers import AutoTokenizer
 
     from ..api import DEMO_MODEL, load
@@ -167,7 +184,7 @@ def quality(budgets, text: str, max_tokens: int, context: int) -> list[dict]:
         (b, {"expert_memory": b, "prefetch": "sida", "routing": "resident", **HOST}) for b in budgets]
     rows, exact = [], None
     for budget, opts in runs:
-        model = load(**opts)
+        model = load(device=device, **opts)
         start = time.perf_counter()
         result = perplexity(model, tokenizer, text, context=context, decode=True, limit=max_tokens, progress=True)
         stats, cache = model.moedeploy.stats(), model.moedeploy.cache_stats()
@@ -192,6 +209,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=8, help="requests served together (part serve)")
     parser.add_argument("--parts", default="cost,decode,serve,quality", help="which parts to run")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the model runs; on cuda the experts wait in pinned host memory (default cpu)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")
 
 
@@ -209,24 +228,33 @@ def run(args: argparse.Namespace) -> int:
     if not parts <= {"cost", "decode", "serve", "quality"}:
         raise MoeDeployError(f"--parts takes cost, decode, serve and quality, got {args.parts!r}")
     text = "".join((HELD_OUT / name).read_text(encoding="utf-8") for name in PLAYS)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoeDeployError("--device cuda: torch sees no CUDA device here; leave out --device to run on the CPU")
     tokenizer = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    ids = tokenizer(text[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens]
+    ids = tokenizer(text[:20000], return_tensors="pt").input_ids[:, : args.prompt_tokens].to(device)
+    h2d = None
+    if device.type == "cuda":
+        from .offload import h2d_bandwidth
+
+        h2d = h2d_bandwidth()
     report = {"benchmark": "moedeploy bench predict", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": asdict(machine()), "text": list(PLAYS), "new_tokens": args.new_tokens, "rounds": args.rounds}
+              "machine": asdict(machine()), "device": args.device, "h2d_bytes_per_s": h2d, "text": list(PLAYS),
+              "new_tokens": args.new_tokens, "rounds": args.rounds}
     if "cost" in parts:
-        report["cost"] = cost(load(), ids)
+        report["cost"] = cost(load(device=device), ids)
         _print(args, "cost", [report["cost"]])
     if "decode" in parts:
-        report["decode"] = decode(budgets, ids, args.new_tokens, args.rounds)
+        report["decode"] = decode(budgets, ids, args.new_tokens, args.rounds, h2d)
         _print(args, "decode", report["decode"])
     if "serve" in parts:
         step = len(text) // args.requests
         prompts = [tokenizer(text[i * step : i * step + 2000]).input_ids[: args.prompt_tokens]
                    for i in range(args.requests)]
-        report["serve"] = serve(budgets, prompts, args.new_tokens, args.rounds)
+        report["serve"] = serve(budgets, prompts, args.new_tokens, args.rounds, device)
         _print(args, "serve", report["serve"])
     if "quality" in parts:
-        report["quality"] = quality(budgets, text, args.max_tokens, args.context)
+        report["quality"] = quality(budgets, text, args.max_tokens, args.context, device)
         _print(args, "quality", report["quality"])
     print(json.dumps(report))
     exact = [r for r in report.get("decode", []) if r["config"] in ("no prefetch", "lookahead", "sida")]
