@@ -38,6 +38,7 @@ from .layer import machine
 
 HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "heldout"
 PLAYS = ("tempest.txt", "twelfth_night.txt")
+CPU = torch.device("cpu")
 HOST = {"expert_store": "host"}  # budgets wait in host memory, as on a GPU: what is measured is the cache and the
 # predictor, not reads from disk (the CPU's default store)
 CONFIGS = {  # name -> load options beside the budget
@@ -131,7 +132,7 @@ def decode(budgets, ids, new_tokens: int, rounds: int, h2d: float | None = None)
     return rows
 
 
-def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int, device=torch.device("cpu")) -> list[dict]:
+def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int, device: torch.device = CPU) -> list[dict]:
     from transformers import AutoTokenizer
 
     from ..api import DEMO_MODEL, load
@@ -173,7 +174,7 @@ def _since(before: dict | None, after: dict | None) -> dict | None:
     return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
-def quality(budgets, text: str, max_tokens: int, context: int, device=torch.device("cpu")) -> list[dict]:
+def quality(budgets, text: str, max_tokens: int, context: int, device: torch.device = CPU) -> list[dict]:
     from transformers import AutoTokenizer
 
     from ..api import DEMO_MODEL, load
