@@ -6,12 +6,13 @@ Decoding a large MoE on a CPU reads, per token, every dense weight and the K rou
     bound (tok/s)   = read bandwidth / bytes per token
 
 The read bandwidth is measured here, per thread count (a sum over 1 GiB of float32), before the first round and
-again after every round, and the best is kept (on a shared machine one early measurement can come out low
-and put a rate above its "bound"), so each rate is also reported as a share of its bound. Configurations are `MODEL_DTYPE[+EXPERT_DTYPE]` (`float32`,
-`bfloat16`, `bfloat16+int8`, `bfloat16+int4`); llama.cpp runs through its own `llama-bench` (`--llama-cpp
-DIR --gguf NAME=FILE ...`: DIR a llama.cpp checkout built in DIR/build; text generation only, the same
-number of tokens), its bytes per token read from the GGUF's tensor table (DIR/gguf-py) the same way. Every round runs every configuration once per thread count, so drift
-hits them alike; rates are medians over rounds.
+again after every round, and the best is kept (on a shared machine one early measurement can come out low and
+put a rate above its "bound"), so each rate is also reported as a share of its bound. Configurations are
+`MODEL_DTYPE[+EXPERT_DTYPE]` (`float32`, `bfloat16`, `bfloat16+int8`, `bfloat16+int4`); llama.cpp runs through
+its own `llama-bench` (`--llama-cpp DIR --gguf NAME=FILE ...`: DIR a llama.cpp checkout built in DIR/build;
+text generation only, the same number of tokens), its bytes per token read from the GGUF's tensor table
+(DIR/gguf-py) the same way. Every round runs every configuration once per thread count, so drift hits them
+alike; rates are medians over rounds.
 """
 
 from __future__ import annotations
