@@ -45,7 +45,7 @@ class Runtime:
             "moe_layers": len(self.layers),
             "gating": self.options.gating.mode,
             "backend": sorted({layer.backend for layer in self.layers.values()}),
-            # pre-quantized experts (MXFP4, FP8): how their matmuls run; empty otherwise
+            # quantized experts (int8, int4, MXFP4, FP8): how their matmuls run on this device; empty otherwise
             "expert_kernel": sorted({getattr(layer.experts, "kernel", None) for layer in self.layers.values()} - {None}),
             "routed_pairs": routed,
             "dropped_pairs": dropped,
@@ -211,7 +211,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
     expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
-    load and run on torch's packed CPU kernels; dense weights, routers and shared experts keep `dtype`.
+    load and run on torch's packed CPU kernels (on CUDA int8 only, each expert dequantized on the device, then
+    a matmul: `stats()["expert_kernel"]`); dense weights, routers and shared experts keep `dtype`.
     Under an expert_memory budget the slots hold the quantized form, and a miss copies it from host memory or,
     with expert_store="disk", from moedeploy's quantized cache on disk (see expert_store).
     A pre-quantized checkpoint (config.json's quantization_config: GPT-OSS's "mxfp4" experts, DeepSeek-V3's
@@ -305,9 +306,10 @@ def _quant(expert_dtype, group_size, opts: LoadOptions, placement) -> QuantSpec 
             raise OptionError("group_size applies to quantized experts: give expert_dtype='int8' or 'int4' too")
         return None
     spec = QuantSpec(expert_dtype, group_size)
-    for asked, why in ((opts.device.type != "cpu", f"on {opts.device.type} (torch's packed int8/int4 kernels used "
-                        "here are CPU kernels)"),
-                       (opts.gating.mode != "dynamic", "with static gating"),
+    if spec.dtype == "int4" and opts.device.type != "cpu":
+        raise OptionError(f"int4 experts do not run on {opts.device.type}: they are packed for torch's CPU int4 "
+                          "kernel, whose layout its CUDA kernel does not take; use expert_dtype='int8' there")
+    for asked, why in ((opts.gating.mode != "dynamic", "with static gating"),
                        (current_group() is not None or placement is not None, "with expert parallelism yet")):
         if asked:
             raise OptionError(f"quantized experts (expert_dtype={expert_dtype!r}) do not run {why}; "

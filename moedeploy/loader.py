@@ -35,6 +35,7 @@ from .options import LoadOptions
 from .placement import ModelShape
 from .quant import QuantizedBank
 from .quant.cache import QuantCache
+from .quant.formats import kernel as quant_kernel
 from .quant.ondisk import Dequantizing, format_of
 from .quant.prequantized import PrequantizedBank
 from .routing import Router
@@ -117,6 +118,8 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
     elif opts.quant is not None:  # quantized one expert at a time as they stream (pre-quantized: from the dequantized)
         experts = QuantizedBank.from_store(disk, opts.quant, dtype)
         store = HostStore(experts) if opts.buffered else disk
+        if opts.buffered:  # on CUDA the host copy is pinned
+            experts.keep_on_host(pin=opts.device.type == "cuda")
     elif prequantized and parallel is None and opts.expert_store != "disk":  # kept in the checkpoint's own format
         experts = PrequantizedBank.from_store(disk, dtype)
         store = HostStore(experts)
@@ -129,6 +132,8 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         store = HostStore(experts)
         if opts.buffered:  # only the slots go to the device; on CUDA the host copy is pinned
             experts.keep_on_host(pin=opts.device.type == "cuda")
+    if opts.quant is not None:
+        experts.kernel = quant_kernel(opts.quant, opts.device)  # stats() names what runs
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate, parallel=parallel)
     layer.store = store
@@ -203,7 +208,7 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     dtype = _resolve_dtype(config, opts.dtype)
     if opts.expert_store is None:
         opts = replace(opts, expert_store=default_store(opts.device, opts.buffered, prequantized=fmt is not None))
-    if opts.quant is not None and dtype == torch.float32:
+    if opts.quant is not None and dtype == torch.float32 and opts.device.type == "cpu":
         warnings.warn("quantized experts in a float32 model: torch's int8/int4 CPU kernels take a scalar path for "
                       "float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load with "
                       "dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)

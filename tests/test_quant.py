@@ -153,6 +153,51 @@ def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
             assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
 
 
+def test_quantized_experts_name_their_kernel():
+    from moedeploy.quant.formats import QuantSpec, kernel
+
+    assert kernel(QuantSpec("int8"), torch.device("cpu")) == "int8: torch._weight_int8pack_mm"
+    assert kernel(QuantSpec("int4"), torch.device("cpu")) == "int4: torch._weight_int4pack_mm_for_cpu"
+    assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), torch.device("cuda"))
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
+
+
+@cuda
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_cuda_int8_experts_under_budgets_equal_them_resident(tiny, store):
+    """On CUDA int8 experts run dequantized per expert on the device; the host store keeps the int8 form pinned,
+    the slots on the GPU hold it (a miss moves the small bytes), and logits are bit-identical to the resident
+    int8 model under every budget; the resident model agrees with the CPU int8 one to bfloat16's tolerance."""
+    path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        resident = load(path, dtype="bfloat16", device="cuda", expert_dtype="int8")
+        assert resident.moedeploy.stats()["expert_kernel"] == [
+            "int8: dequantize per expert, then matmul (no packed int8 kernel on cuda)"]
+        want = resident(ids.cuda()).logits
+        _close(want.cpu(), load(path, dtype="bfloat16", expert_dtype="int8")(ids).logits, torch.bfloat16)
+        for budget in (0.25, 0.5):
+            model = load(path, dtype="bfloat16", device="cuda", expert_dtype="int8", expert_memory=budget,
+                         expert_store=store)
+            assert torch.equal(model(ids.cuda()).logits, want), (budget, store)
+            stats = model.moedeploy.cache_stats()
+            small = next(iter(model.moedeploy.layers.values())).experts.expert_bytes()
+            assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
+            for pool in model.moedeploy.pools:
+                assert pool.slots.q_in.is_cuda and pool.slots.q_in.dtype == torch.int8
+            if store == "host":
+                layer = next(iter(model.moedeploy.layers.values()))
+                assert layer.experts.q_in.device.type == "cpu" and layer.experts.q_in.is_pinned()
+
+
+@cuda
+def test_int4_on_cuda_is_refused_with_what_to_use(tiny):
+    with pytest.raises(OptionError, match="int4 experts do not run on cuda.*use expert_dtype='int8'"):
+        load(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32), device="cuda", expert_dtype="int4")
+
+
 def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):
     """The generic adapter's check compares transformers' block with moedeploy's on the float experts (read
     again from the checkpoint), then the layer runs quantized."""

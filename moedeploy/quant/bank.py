@@ -39,6 +39,7 @@ class QuantizedBank(nn.Module):
             self.register_buffer(name, t)
         self.b_in = buffers.get("b_in")
         self.b_out = buffers.get("b_out")
+        self.on_host = False  # expert buffering: stays in host memory when the model moves (keep_on_host)
 
     @classmethod
     def from_store(cls, store, spec: QuantSpec, dtype: torch.dtype) -> "QuantizedBank":
@@ -63,8 +64,8 @@ class QuantizedBank(nn.Module):
         return cls(spec, activation, hidden_size, intermediate_size, buffers)
 
     def _apply(self, fn, recurse=True):
-        if any(t.is_meta for t in self.tensors()):  # the disk tier's shapes-only bank: nothing here moves
-            return self
+        if self.on_host or any(t.is_meta for t in self.tensors()):  # a budget's host store, or the disk tier's
+            return self  # shapes-only bank: device slots copy from it, nothing here moves
         return super()._apply(fn, recurse)
 
     def empty(self, num_experts: int, device) -> "QuantizedBank":
@@ -74,7 +75,13 @@ class QuantizedBank(nn.Module):
         return QuantizedBank(self.spec, self.activation, self.hidden_size, self.intermediate_size, buffers)
 
     def keep_on_host(self, pin: bool) -> None:
-        """The host store of an expert budget (CPU only for quantized experts: nothing to pin)."""
+        """Stay in host memory when the model moves to a device (the host store of an expert budget); `pin`
+        page-locks the tensors, so copies to CUDA slots run asynchronously."""
+        if pin:
+            for name, t in list(self._buffers.items()):
+                if t is not None:
+                    self._buffers[name] = t.pin_memory()
+        self.on_host = True
 
     @property
     def num_experts(self) -> int:

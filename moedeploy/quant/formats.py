@@ -7,7 +7,9 @@
 Kernels (CPU, torch's own packed-weight ops; x in float32 or bfloat16, scales in x's dtype):
     int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row)
     int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2])
-Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul.
+Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. On CUDA,
+int8 runs that reference (the expert's weight dequantized on the device, then a matmul: the slots and a miss's
+copy hold the int8 bytes); int4 is CPU-only (its packing is the CPU kernel's, which CUDA's kernel does not take).
 
 Legend: N output features, K input features, g group size, G = K / g groups.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import OptionError
@@ -71,8 +74,17 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return (q.view(N, G, K // G).float() * scale.float().unsqueeze(-1)).view(N, K)
 
 
+def kernel(spec: QuantSpec, device: torch.device) -> str:
+    """What runs for `spec`'s experts on `device` (the runtime's stats say it)."""
+    if device.type != "cpu":
+        return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
+    return {"int8": "int8: torch._weight_int8pack_mm", "int4": "int4: torch._weight_int4pack_mm_for_cpu"}[spec.dtype]
+
+
 def mm_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     """x [M, K] @ dequantized(q).T -> [M, N], in x's dtype."""
+    if x.device.type != "cpu":  # no packed int8 kernel used here: the reference, on the device
+        return F.linear(x, dequantize_int8(q, scale).to(x.dtype))
     G = scale.shape[1]
     s = scale.to(x.dtype)
     if G == 1:
