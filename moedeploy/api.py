@@ -20,6 +20,7 @@ from .placement.online import OnlineConfig
 from .predict.ahead import PREFETCHERS, ROUTING_MODES, Ahead
 from .predict.lookahead import attach_lookahead
 from .quant import QuantSpec
+from .quant.formats import for_device
 from .store import STORES, Checkpoint
 
 
@@ -211,8 +212,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     started), where the experts live: a placement file (`moedeploy place --out`) or a `Placement`;
     contiguous when None. Each rank then holds only its experts (docs/parallel.md).
     expert_dtype: "int8" or "int4": the routed experts are quantized weight-only (group-wise scales) as they
-    load and run on torch's packed CPU kernels (on CUDA int8 only, each expert dequantized on the device, then
-    a matmul: `stats()["expert_kernel"]`); dense weights, routers and shared experts keep `dtype`.
+    load and run on torch's packed CPU kernels (on CUDA each expert dequantized on the device, then a matmul:
+    `stats()["expert_kernel"]`); dense weights, routers and shared experts keep `dtype`.
     Under an expert_memory budget the slots hold the quantized form, and a miss copies it from host memory or,
     with expert_store="disk", from moedeploy's quantized cache on disk (see expert_store).
     A pre-quantized checkpoint (config.json's quantization_config: GPT-OSS's "mxfp4" experts, DeepSeek-V3's
@@ -305,10 +306,7 @@ def _quant(expert_dtype, group_size, opts: LoadOptions, placement) -> QuantSpec 
         if group_size is not None:
             raise OptionError("group_size applies to quantized experts: give expert_dtype='int8' or 'int4' too")
         return None
-    spec = QuantSpec(expert_dtype, group_size)
-    if spec.dtype == "int4" and opts.device.type != "cpu":
-        raise OptionError(f"int4 experts do not run on {opts.device.type}: they are packed for torch's CPU int4 "
-                          "kernel, whose layout its CUDA kernel does not take; use expert_dtype='int8' there")
+    spec = for_device(QuantSpec(expert_dtype, group_size), opts.device)
     for asked, why in ((opts.gating.mode != "dynamic", "with static gating"),
                        (current_group() is not None or placement is not None, "with expert parallelism yet")):
         if asked:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU and its own Python (torch >= 2.11, transformers >= 5.17, accelerate,
 # pytest, pytest-timeout), from the repository root, without installing moedeploy: the CUDA tests of
-# expert buffering, prediction and int8 experts, SiDA's decode under budgets on the GPU, then the end-to-end
-# offload benchmark, and int8 against bfloat16 experts under budgets. Results go to OUT_DIR (default $OUT).
+# expert buffering, prediction and quantized experts, SiDA's decode under budgets on the GPU, then the
+# end-to-end offload benchmark, and int8 / int4 against bfloat16 experts under budgets. Results go to OUT_DIR (default $OUT).
 #   scripts/gpu-check.sh [OUT_DIR]
 set -o pipefail
 out=${1:-${OUT:?give an output folder}}
@@ -22,9 +22,9 @@ python3 -m moedeploy make-tiny --family qwen3_moe --out /tmp/wide --set hidden_s
   --set num_experts=64 --set num_experts_per_tok=8 --set moe_intermediate_size=512 >/dev/null || exit 3
 python3 -m moedeploy bench offload --device cuda --model /tmp/wide --store host --budgets 0.1,0.25,0.5,1.0 \
   --new-tokens 32 --rounds 3 --prefetch lookahead,none --timeout 300 2>&1 | tee "$out/offload-cuda.log"
-# Issue 15 on the GPU: int8 experts (a miss moves int8 bytes) against bfloat16 ones at the same budgets, bytes
-# per token against the PCIe bound.
+# Issue 15 on the GPU: int8 and int4 experts (a miss moves the small bytes) against bfloat16 ones at the same
+# budgets, bytes per token against the PCIe bound.
 python3 -m moedeploy bench offload --device cuda --model /tmp/wide --store host --budgets 0.1,0.25,0.5 \
-  --dtype bfloat16 --expert-dtype none,int8 --no-baselines --prefetch none --new-tokens 32 --rounds 3 --timeout 300 \
-  --json > "$out/offload-cuda-int8.json" 2> "$out/offload-cuda-int8.log"
+  --dtype bfloat16 --expert-dtype none,int8,int4 --no-baselines --prefetch none --new-tokens 32 --rounds 3 \
+  --timeout 300 --json > "$out/offload-cuda-quant.json" 2> "$out/offload-cuda-quant.log"
 exit $tests

@@ -27,14 +27,19 @@ def _int8(w, group, dtype):
     return (lambda x: mm_int8(x, q, scale.to(dtype))), dequantize_int8(q, scale.to(dtype))
 
 
-def _int4(w, group, dtype):
+def _int4(w, group, dtype, layout="cpu"):
     q, sz = quantize_int4(w, group)
-    packed = pack_int4(q)
-    return (lambda x: mm_int4(x, packed, sz.to(dtype), group)), dequantize_int4(q, sz.to(dtype))
+    packed = pack_int4(q, layout)
+    return (lambda x: mm_int4(x, packed, sz.to(dtype), group, layout)), dequantize_int4(q, sz.to(dtype))
+
+
+def _int4_plain(w, group, dtype):
+    return _int4(w, group, dtype, "plain")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt, group", [(_int8, 128), (_int8, 16), (_int4, 32), (_int4, 64)])
+@pytest.mark.parametrize("fmt, group", [(_int8, 128), (_int8, 16), (_int4, 32), (_int4, 64), (_int4_plain, 32),
+                                        (_int4_plain, 64)])
 def test_each_kernel_matches_its_reference_on_odd_shapes(fmt, group, dtype):
     """The packed kernel against a plain matmul with the weight it stands for, 1..33 tokens."""
     torch.manual_seed(0)
@@ -153,49 +158,81 @@ def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
             assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
 
 
-def test_quantized_experts_name_their_kernel():
-    from moedeploy.quant.formats import QuantSpec, kernel
+def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off_the_cpu():
+    from moedeploy.quant.formats import QuantSpec, for_device, kernel, unpack_int4
 
-    assert kernel(QuantSpec("int8"), torch.device("cpu")) == "int8: torch._weight_int8pack_mm"
-    assert kernel(QuantSpec("int4"), torch.device("cpu")) == "int4: torch._weight_int4pack_mm_for_cpu"
-    assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), torch.device("cuda"))
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert kernel(QuantSpec("int8"), cpu) == "int8: torch._weight_int8pack_mm"
+    assert kernel(QuantSpec("int4"), cpu) == "int4: torch._weight_int4pack_mm_for_cpu"
+    assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), gpu)
+    assert for_device(QuantSpec("int4", 32), gpu) == QuantSpec("int4", 32, "plain")
+    assert for_device(QuantSpec("int4"), cpu).layout == for_device(QuantSpec("int8"), gpu).layout == "cpu"
+    q = torch.randint(0, 16, (8, 64), dtype=torch.int32)
+    assert torch.equal(unpack_int4(pack_int4(q, "plain")).int(), q)
+    with pytest.raises(OptionError, match="int8 only 'cpu'"):
+        QuantSpec("int8", layout="plain")
+
+
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_int4_in_the_plain_layout_equals_its_reference_and_stays_exact_under_budgets(tiny, monkeypatch, store):
+    """The layout CUDA gets, run here on the CPU (the layout forced): the model equals its dequantized reference,
+    under budgets it is bit-identical to it resident, and its disk cache is its own, not the CPU layout's."""
+    import moedeploy.api
+    from moedeploy.quant.cache import QuantCache
+    from moedeploy.quant.formats import for_device
+
+    path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
+    monkeypatch.setattr(moedeploy.api, "for_device", lambda spec, device: QuantSpec(spec.dtype, spec.group_size,
+                                                                                     "plain"))
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        resident = load(path, dtype="float32", expert_dtype="int4", group_size=32)
+        kernel = "int4: dequantize per expert, then matmul (no packed int4 kernel on cpu)"
+        assert resident.moedeploy.stats()["expert_kernel"] == [kernel]
+        want = resident(ids).logits
+        _close(want, _dequantized_reference(path, QuantSpec("int4", 32))(ids).logits, torch.float32)
+        for budget in (0.25, 0.5):
+            model = load(path, dtype="float32", expert_dtype="int4", group_size=32, expert_memory=budget,
+                         expert_store=store)
+            assert torch.equal(model(ids).logits, want), budget
+            assert model.moedeploy.cache_stats()["misses"] > 0
+    plain, packed = (QuantCache(path, QuantSpec("int4", 32, layout), torch.float32) for layout in ("plain", "cpu"))
+    assert plain.dir != packed.dir and for_device(QuantSpec("int4"), torch.device("cpu")).layout == "cpu"
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")
 
 
 @cuda
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("store", ["host", "disk"])
-def test_cuda_int8_experts_under_budgets_equal_them_resident(tiny, store):
-    """On CUDA int8 experts run dequantized per expert on the device; the host store keeps the int8 form pinned,
-    the slots on the GPU hold it (a miss moves the small bytes), and logits are bit-identical to the resident
-    int8 model under every budget; the resident model agrees with the CPU int8 one to bfloat16's tolerance."""
+def test_cuda_quantized_experts_under_budgets_equal_them_resident(tiny, store, dtype):
+    """On CUDA quantized experts run dequantized per expert on the device (int4 in the plain layout); the host
+    store keeps the small form pinned, the slots on the GPU hold it (a miss moves the small bytes), and logits
+    are bit-identical to the resident model under every budget; the resident model agrees with the CPU one to
+    bfloat16's tolerance."""
     path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
     ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    weights = "q_in" if dtype == "int8" else "p_in"
     with torch.inference_mode():
-        resident = load(path, dtype="bfloat16", device="cuda", expert_dtype="int8")
+        resident = load(path, dtype="bfloat16", device="cuda", expert_dtype=dtype)
         assert resident.moedeploy.stats()["expert_kernel"] == [
-            "int8: dequantize per expert, then matmul (no packed int8 kernel on cuda)"]
+            f"{dtype}: dequantize per expert, then matmul (no packed {dtype} kernel on cuda)"]
         want = resident(ids.cuda()).logits
-        _close(want.cpu(), load(path, dtype="bfloat16", expert_dtype="int8")(ids).logits, torch.bfloat16)
+        _close(want.cpu(), load(path, dtype="bfloat16", expert_dtype=dtype)(ids).logits, torch.bfloat16)
         for budget in (0.25, 0.5):
-            model = load(path, dtype="bfloat16", device="cuda", expert_dtype="int8", expert_memory=budget,
+            model = load(path, dtype="bfloat16", device="cuda", expert_dtype=dtype, expert_memory=budget,
                          expert_store=store)
             assert torch.equal(model(ids.cuda()).logits, want), (budget, store)
             stats = model.moedeploy.cache_stats()
             small = next(iter(model.moedeploy.layers.values())).experts.expert_bytes()
             assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
             for pool in model.moedeploy.pools:
-                assert pool.slots.q_in.is_cuda and pool.slots.q_in.dtype == torch.int8
+                slots = getattr(pool.slots, weights)
+                assert slots.is_cuda and slots.dtype == (torch.int8 if dtype == "int8" else torch.uint8)
             if store == "host":
-                layer = next(iter(model.moedeploy.layers.values()))
-                assert layer.experts.q_in.device.type == "cpu" and layer.experts.q_in.is_pinned()
-
-
-@cuda
-def test_int4_on_cuda_is_refused_with_what_to_use(tiny):
-    with pytest.raises(OptionError, match="int4 experts do not run on cuda.*use expert_dtype='int8'"):
-        load(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32), device="cuda", expert_dtype="int4")
+                host = getattr(next(iter(model.moedeploy.layers.values())).experts, weights)
+                assert host.device.type == "cpu" and host.is_pinned()
 
 
 def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):

@@ -107,13 +107,13 @@ class QuantizedBank(nn.Module):
     def linear_in(self, e: int, x: Tensor) -> Tensor:
         """x [M, D] -> [M, N]: expert e's first projection (bias included)."""
         h = (mm_int8(x, self.q_in[e], self.s_in[e]) if self.spec.dtype == "int8"
-             else mm_int4(x, self.p_in[e], self.z_in[e], self.g_in))
+             else mm_int4(x, self.p_in[e], self.z_in[e], self.g_in, self.spec.layout))
         return h if self.b_in is None else h + self.b_in[e]
 
     def linear_out(self, e: int, a: Tensor) -> Tensor:
         """a [M, I] -> [M, D]: expert e's second projection (bias included)."""
         y = (mm_int8(a, self.q_out[e], self.s_out[e]) if self.spec.dtype == "int8"
-             else mm_int4(a, self.p_out[e], self.z_out[e], self.g_out))
+             else mm_int4(a, self.p_out[e], self.z_out[e], self.g_out, self.spec.layout))
         return y if self.b_out is None else y + self.b_out[e]
 
 
@@ -124,4 +124,4 @@ def _quantize(spec: QuantSpec, side: str, w: Tensor, K: int) -> list[tuple[str, 
         q, scale = quantize_int8(w, g)
         return [(f"q_{side}", q), (f"s_{side}", scale)]
     q, scales_and_zeros = quantize_int4(w, g)
-    return [(f"p_{side}", pack_int4(q)), (f"z_{side}", scales_and_zeros)]
+    return [(f"p_{side}", pack_int4(q, spec.layout)), (f"z_{side}", scales_and_zeros)]

@@ -5,7 +5,8 @@ at a time (store/quantized.py: `QuantizedDiskStore`); loads after the first quan
 Where (never beside the user's checkpoint): `cache_root()` is $MOEDEPLOY_CACHE, else $XDG_CACHE_HOME/moedeploy,
 else ~/.cache/moedeploy; the cache of one checkpoint state is `quantized/<identity>-<state>/`, where
 
-    identity = hash(the checkpoint's resolved path, expert dtype, group size, model dtype, FORMAT)
+    identity = hash(the checkpoint's resolved path, expert dtype, group size, model dtype, FORMAT, and int4's
+                    layout where it is not the CPU kernel's)
     state    = hash(identity, and per checkpoint file (config.json, the safetensors index, every
                safetensors file) its name, byte size and mtime_ns)
 
@@ -127,6 +128,8 @@ class QuantCache:
         self.spec, self.dtype = spec, dtype
         self.identity = {"checkpoint": str(path), "expert_dtype": spec.dtype, "group_size": spec.group_size,
                          "model_dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
+        if spec.layout != "cpu":  # named only when not the default, so the caches written before it stay found
+            self.identity["layout"] = spec.layout
         self.key = {**self.identity, "files": checkpoint_files(path)}
         self.parent = (root or cache_root()) / "quantized"
         self.name = f"{_digest(self.identity)}-{_digest(self.key)}"

@@ -3,13 +3,16 @@
     int8: symmetric, scale = max|w| / 127 per (row, group); q in -127..127        w ~ q * scale
     int4: asymmetric, per (row, group) min and max: scale = (max - min) / 15,
           q = round((w - min) / scale) in 0..15, zero = min + 8 * scale            w ~ (q - 8) * scale + zero
+          stored two codes per byte, in one of two layouts (QuantSpec.layout): "cpu", torch's CPU int4
+          kernel's packing; "plain", input 2j in the low nibble of byte j and 2j + 1 in the high one
 
 Kernels (CPU, torch's own packed-weight ops; x in float32 or bfloat16, scales in x's dtype):
     int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row)
     int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2])
-Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. On CUDA,
-int8 runs that reference (the expert's weight dequantized on the device, then a matmul: the slots and a miss's
-copy hold the int8 bytes); int4 is CPU-only (its packing is the CPU kernel's, which CUDA's kernel does not take).
+Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. Off the
+CPU the experts run that reference (each expert's weight dequantized on the device, then a matmul: the slots
+and a miss's copy hold the small bytes): int8 as stored, int4 in the "plain" layout (the CPU kernel's packing
+is its own, and CUDA's int4 kernel takes another).
 
 Legend: N output features, K input features, g group size, G = K / g groups.
 """
@@ -28,16 +31,20 @@ EXPERT_DTYPES = ("int8", "int4")
 DEFAULT_GROUP = {"int8": None, "int4": 64}  # int8: one scale per row (one kernel call); int4: 64 (32 where 64
 # does not divide the inputs), between llama.cpp's Q4_0 (32) and GPTQ's usual 128
 INT4_GROUPS = (32, 64, 128, 256)  # what torch's int4 kernel takes
+INT4_LAYOUTS = ("cpu", "plain")
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     dtype: str  # "int8" or "int4"
     group_size: int | None = None  # inputs per scale; None: the format's default (int8: the whole row)
+    layout: str = "cpu"  # int4's two codes per byte: "cpu" (torch's CPU kernel) or "plain" (off the CPU)
 
     def __post_init__(self):
         if self.dtype not in EXPERT_DTYPES:
             raise OptionError(f"unknown expert dtype {self.dtype!r}; choose one of: {', '.join(EXPERT_DTYPES)}")
+        if self.layout not in INT4_LAYOUTS or (self.layout != "cpu" and self.dtype != "int4"):
+            raise OptionError(f"layout {self.layout!r}: int4 takes {' or '.join(INT4_LAYOUTS)}, int8 only 'cpu'")
         g = self.group_size
         if g is not None and g < 1:
             raise OptionError(f"the group size must be a positive number of inputs, got {g}")
@@ -74,9 +81,15 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return (q.view(N, G, K // G).float() * scale.float().unsqueeze(-1)).view(N, K)
 
 
+def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
+    """`spec` with the int4 layout `device` runs: the CPU kernel's on the CPU, "plain" elsewhere."""
+    plain = spec.dtype == "int4" and device.type != "cpu"
+    return QuantSpec(spec.dtype, spec.group_size, "plain" if plain else "cpu")
+
+
 def kernel(spec: QuantSpec, device: torch.device) -> str:
     """What runs for `spec`'s experts on `device` (the runtime's stats say it)."""
-    if device.type != "cpu":
+    if device.type != "cpu" or spec.layout == "plain":
         return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
     return {"int8": "int8: torch._weight_int8pack_mm", "int4": "int4: torch._weight_int4pack_mm_for_cpu"}[spec.dtype]
 
@@ -111,9 +124,16 @@ def quantize_int4(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
     return q, torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
 
 
-def pack_int4(q: Tensor) -> Tensor:
-    """q [N, K] int32 in 0..15 -> the CPU kernel's packed uint8 [N, K / 2]."""
+def pack_int4(q: Tensor, layout: str = "cpu") -> Tensor:
+    """q [N, K] int32 in 0..15 -> packed uint8 [N, K / 2]: the CPU kernel's, or "plain" (even inputs low)."""
+    if layout == "plain":
+        return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
     return torch._convert_weight_to_int4pack_for_cpu(q, 1)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """The "plain" layout's packed uint8 [N, K / 2] -> q [N, K] in 0..15 (uint8)."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
 def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
@@ -124,6 +144,8 @@ def dequantize_int4(q: Tensor, scales_and_zeros: Tensor) -> Tensor:
     return w.view(N, K)
 
 
-def mm_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, g: int) -> Tensor:
+def mm_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, g: int, layout: str = "cpu") -> Tensor:
     """x [M, K] @ dequantized.T -> [M, N], in x's dtype."""
+    if layout == "plain":  # the reference, on x's device
+        return F.linear(x, dequantize_int4(unpack_int4(packed), scales_and_zeros).to(x.dtype))
     return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, g, scales_and_zeros.to(x.dtype))
