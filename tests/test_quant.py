@@ -233,6 +233,21 @@ def test_cuda_quantized_experts_under_budgets_equal_them_resident(tiny, store, d
             if store == "host":
                 host = getattr(next(iter(model.moedeploy.layers.values())).experts, weights)
                 assert host.device.type == "cpu" and host.is_pinned()
+        # decode (one token per step: the plan-free path) with prefetches on the side stream, against resident
+        prompt = ids[:1, :4].cuda()
+        tokens = resident.generate(prompt, max_new_tokens=8, do_sample=False)
+        model = load(path, dtype="bfloat16", device="cuda", expert_dtype=dtype, expert_memory=0.25,
+                     expert_store=store, prefetch="lookahead")
+        assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False), tokens)
+
+
+@cuda
+def test_int4_experts_packed_for_the_cpu_say_so_when_moved_to_cuda(tiny):
+    model = load(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32), dtype="bfloat16", expert_dtype="int4")
+    model.to("cuda")
+    with pytest.raises(OptionError, match="packed for torch's CPU kernel and cannot run on cuda; load the model "
+                                          "with device='cuda'"):
+        model(torch.tensor([[5, 6, 7]], device="cuda"))
 
 
 def test_a_family_without_adapter_is_verified_against_its_float_experts(tiny):

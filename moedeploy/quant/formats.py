@@ -148,4 +148,7 @@ def mm_int4(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, g: int, layout:
     """x [M, K] @ dequantized.T -> [M, N], in x's dtype."""
     if layout == "plain":  # the reference, on x's device
         return F.linear(x, dequantize_int4(unpack_int4(packed), scales_and_zeros).to(x.dtype))
+    if x.device.type != "cpu":
+        raise OptionError(f"these int4 experts are packed for torch's CPU kernel and cannot run on {x.device.type}; "
+                          f"load the model with device={x.device.type!r} instead of moving it there")
     return torch._weight_int4pack_mm_for_cpu(x.contiguous(), packed, g, scales_and_zeros.to(x.dtype))
