@@ -34,6 +34,14 @@ class Activation:
         return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
 
 
+def pin_buffers(bank: nn.Module) -> None:
+    """Page-lock every buffer of `bank` in place (an expert bank kept on the host for CUDA slots: copies from it
+    run asynchronously; one tensor at a time is briefly held twice)."""
+    for name, t in list(bank._buffers.items()):
+        if t is not None:
+            bank._buffers[name] = t.pin_memory()
+
+
 class ExpertBank(nn.Module):
     """All experts of one MoE layer, stacked. Buffers, so `.to()` moves them and nothing trains them."""
 
@@ -56,12 +64,9 @@ class ExpertBank(nn.Module):
         return super()._apply(fn, recurse)
 
     def keep_on_host(self, pin: bool) -> None:
-        """Stay in host memory when the model moves to a device; `pin` page-locks the tensors, so copies
-        to CUDA slots run asynchronously (one tensor at a time is briefly held twice)."""
+        """Stay in host memory when the model moves to a device; `pin` page-locks the tensors (`pin_buffers`)."""
         if pin and not self.w_in.is_meta:
-            for name, t in list(self._buffers.items()):
-                if t is not None:
-                    self._buffers[name] = t.pin_memory()
+            pin_buffers(self)
         self.on_host = True
 
     @property

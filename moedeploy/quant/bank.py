@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..experts import Activation
+from ..experts import Activation, pin_buffers
 from .formats import QuantSpec, mm_int4, mm_int8, pack_int4, quantize_int4, quantize_int8
 
 
@@ -78,9 +78,7 @@ class QuantizedBank(nn.Module):
         """Stay in host memory when the model moves to a device (the host store of an expert budget); `pin`
         page-locks the tensors, so copies to CUDA slots run asynchronously."""
         if pin:
-            for name, t in list(self._buffers.items()):
-                if t is not None:
-                    self._buffers[name] = t.pin_memory()
+            pin_buffers(self)
         self.on_host = True
 
     @property

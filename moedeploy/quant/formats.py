@@ -19,7 +19,7 @@ Legend: N output features, K input features, g group size, G = K / g groups.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
 def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
     """`spec` with the int4 layout `device` runs: the CPU kernel's on the CPU, "plain" elsewhere."""
     plain = spec.dtype == "int4" and device.type != "cpu"
-    return QuantSpec(spec.dtype, spec.group_size, "plain" if plain else "cpu")
+    return replace(spec, layout="plain" if plain else "cpu")
 
 
 def kernel(spec: QuantSpec, device: torch.device) -> str:

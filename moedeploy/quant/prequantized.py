@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..experts import Activation
+from ..experts import Activation, pin_buffers
 from .fp8 import Fp8
 from .mxfp4 import Mxfp4
 from .ondisk import read_expert
@@ -91,9 +91,7 @@ class PrequantizedBank(nn.Module):
     def keep_on_host(self, pin: bool) -> None:
         """Stay in host memory when the model moves to a device; `pin` page-locks the tensors (CUDA slots)."""
         if pin:
-            for name, t in list(self._buffers.items()):
-                if t is not None:
-                    self._buffers[name] = t.pin_memory()
+            pin_buffers(self)
         self.on_host = True
 
     @property
