@@ -60,7 +60,8 @@ def add_load_options(p: argparse.ArgumentParser, predictor: bool = True) -> None
     if predictor:
         p.add_argument("--predictor", help="a SiDA predictor file for this model (moedeploy predict train); default: "
                        "the shipped one, for the demo model")
-    p.add_argument("--expert-dtype", help="int8 or int4: routed experts quantized weight-only as they load (CPU)")
+    p.add_argument("--expert-dtype", help="int8 or int4: routed experts quantized weight-only as they load (torch's "
+                   "packed kernels on the CPU; elsewhere each expert dequantized on the device, then a matmul)")
     p.add_argument("--group-size", type=int, help="inputs per quantization scale (int8: default a whole row; "
                    "int4: 32, 64 (default), 128 or 256)")
     p.add_argument("--placement", help="under torchrun: where the experts live (moedeploy place --out); "

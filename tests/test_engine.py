@@ -5,6 +5,7 @@ their KV at once."""
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -104,6 +105,25 @@ def test_under_an_expert_budget_outputs_are_the_resident_ones(demo):
     assert sum(s.misses for s in engine.steps) > 0 and sum(s.hits for s in engine.steps) > 0
     assert all(len(s.active_experts) == 4 and 1 <= min(s.active_experts) for s in engine.steps)
     assert max(max(s.active_experts) for s in engine.steps) > 4, "a batched step activates more than one token's top-4"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_experts_under_a_budget_with_sida_serve_what_they_serve_resident(demo, dtype):
+    """Quantization, a budget on either store and SiDA's prefetch (exact routing) together: the engine's batched
+    steps give the tokens of the same quantized model fully resident."""
+    _, tokenizer = demo
+    prompts = prompts_of(tokenizer, 4)
+    resident = moedeploy.load(None, dtype="bfloat16", expert_dtype=dtype)
+    want = [o.tokens for o in Engine(resident, tokenizer).generate(prompts, GREEDY)]
+    for store in ("disk", "host"):
+        budgeted = moedeploy.load(None, dtype="bfloat16", expert_dtype=dtype, expert_memory=0.2, prefetch="sida",
+                                  expert_store=store)
+        engine = Engine(budgeted, tokenizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a batched step streams through the slots (the test above)
+            assert [o.tokens for o in engine.generate(prompts, GREEDY)] == want, store
+        stats = budgeted.moedeploy.cache_stats()
+        assert stats["misses"] > 0 and stats["prefetched"] > 0, (store, stats)
 
 
 # -- sampling --------------------------------------------------------------------------------------
