@@ -341,3 +341,92 @@ def test_a_long_queued_prompt_is_predicted_in_windows():
     for got, want in zip((state.h, state.c, state.keys, state.values),
                          (whole_state.h, whole_state.c, whole_state.keys, whole_state.values), strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_under_beam_search_each_rows_prediction_follows_its_own_beam(monkeypatch):
+    """Beam search reorders the KV cache's rows between steps (`Cache.reorder_cache`); the predictor's state is
+    reordered with them: every decode step's scores equal the predictor run over that row's own sequence."""
+    from transformers import DynamicCache
+
+    model = moedeploy.load(routing="predicted")
+    predictor = model.moedeploy.ahead.predictor
+    forward, calls, reorders = predictor.forward, [], []
+
+    def spy(ids, state=None):
+        scores, state = forward(ids, state)
+        calls.append((ids.clone(), scores[:, -1].clone()))  # [B, L, E]: the last token of each row
+        return scores, state
+
+    reorder = DynamicCache.reorder_cache
+
+    def spy_reorder(cache, beam_idx):
+        reorders.append((len(calls), beam_idx.clone()))
+        return reorder(cache, beam_idx)
+
+    predictor.forward = spy
+    monkeypatch.setattr(DynamicCache, "reorder_cache", spy_reorder)
+    with torch.no_grad():
+        model.generate(PROMPT[:, :8], max_new_tokens=8, num_beams=3, do_sample=False, early_stopping=False)
+    assert any(not torch.equal(b, torch.arange(len(b))) for _, b in reorders), "the beams were reordered"
+    rows = calls[0][0]  # [beams, S]: the prompt, once per beam
+    for i, (ids, got) in enumerate(calls[1:], start=1):
+        for _ in [r for r in reorders if r[0] == i]:
+            rows = rows[reorders.pop(0)[1]]  # the reorders made before this step
+        rows = torch.cat([rows, ids], 1)
+        torch.testing.assert_close(got, forward(rows)[0][:, -1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"routing": "predicted"}, {"expert_memory": 0.25, "prefetch": "sida"}])
+def test_a_failed_prediction_fails_its_own_forward_only(reference, options):
+    model = moedeploy.load(**options)
+    predictor = model.moedeploy.ahead.predictor
+    forward, calls = predictor.forward, []
+
+    def fails_once(ids, state=None):
+        calls.append(ids.shape)
+        if len(calls) == 1:
+            raise RuntimeError("a predictor fault (a test)")
+        return forward(ids, state)
+
+    predictor.forward = fails_once
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="a predictor fault"):
+            model(input_ids=PROMPT)
+        logits = model(input_ids=PROMPT).logits  # raised once, not again by the next forward
+    assert len(calls) == 2
+    if "prefetch" in options:
+        assert torch.equal(logits, reference[0])
+
+
+def test_a_request_that_ends_before_its_prompts_prediction_ran_fails_no_step():
+    """`discard` cancels a queued prompt's prediction that had not started; a step that counted on it predicts
+    the chunk as it comes (the engine's call order: prepare, the step, the request ends, the next step)."""
+    import threading
+    from types import SimpleNamespace
+
+    model = moedeploy.load(expert_memory=0.25, prefetch="sida")
+    ahead = model.moedeploy.ahead
+    ahead.queued = True
+    busy = threading.Event()
+    ahead.executor.submit(busy.wait)  # the predictor thread is still on something earlier
+    prompt = list(range(100, 120))
+
+    def step(segments, spans, ids):
+        packed = SimpleNamespace(segments=segments, spans=spans, regions={s[0]: None for s in segments})
+        ahead.hook(model, (), {"input_ids": torch.tensor([ids]), "packed_kv": packed})
+
+    ahead.prepare(1, prompt)
+    step([(1, 0, 8), (2, 8, 4)], [(0, 8), (32, 4)], prompt[:8] + [5, 6, 7, 8])  # request 1's first chunk
+    ahead.discard(1)  # request 1 ends (an abort) before its prompt's prediction started
+    busy.set()
+    step([(2, 0, 1)], [(32, 5)], [9])  # the next step: raised CancelledError before
+    ahead.future.result()
+
+
+def test_experts_predicted_for_a_layer_are_not_protected_once_it_has_run():
+    """`ahead` marks experts predicted for a later layer of this step (evicted last); when their layer has run,
+    the ones it did not use are no longer protected, in this step or the next."""
+    model = moedeploy.load(expert_memory=0.25, prefetch="sida")
+    run(model, new=6)
+    assert all(not layer.pool.ahead for layer in model.moedeploy.layers.values())

@@ -113,7 +113,9 @@ class SlotPool:
         self._now += 1
         self.policy.tick(self._now)
         needed = set(keys)
-        self.ahead -= needed  # their layer has come
+        came = {key[0] for key in keys}
+        self.ahead = {k for k in self.ahead if k[0] not in came}  # their layer has come: what it did not use is no
+        # longer ahead of need (nor, in a later step, protected for a prediction that is over)
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1

@@ -27,7 +27,7 @@ Legend: B sequences, S tokens per sequence in this step, T = B * S, L MoE layers
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .base import PredictorError
+from .sida import select
 
 ROUTING_MODES = ("exact", "resident", "predicted")
 PREFETCHERS = ("lookahead", "sida")
@@ -112,8 +113,29 @@ class Ahead:
                         del self.prepared[request]
         else:
             cache = kv_cache(kwargs)
+            if cache is not None:
+                self._follow(cache)
             parts, live = [(None, ids, cache is None or cache.get_seq_length() == 0)], None
         self.future = self.executor.submit(self._predict, parts, live, early)
+
+    def _follow(self, cache) -> None:
+        """Beam search reorders the KV cache's rows between steps (`Cache.reorder_cache`, transformers' public
+        method that generate calls): model.generate's predictor state is reordered with them, so each row goes
+        on from its own beam's tokens."""
+        if getattr(cache, "moedeploy_follows", None) is self:
+            return
+        reorder = cache.reorder_cache
+
+        def reorder_cache(beam_idx: Tensor) -> None:
+            reorder(beam_idx)
+            if self.future is not None:
+                wait([self.future])  # the step's state is written (its error, if any, is the next hook's)
+            state = self.states.get(None)
+            if state is not None:
+                self.states[None] = select(state, beam_idx.to(state.h.device))
+
+        cache.reorder_cache = reorder_cache
+        cache.moedeploy_follows = self
 
     def prepare(self, key, prompt: list[int]) -> None:
         """A queued request's prompt (the engine, between steps): the predictor works on it now, while the
@@ -139,11 +161,12 @@ class Ahead:
                 if not (first and self.wait):
                     return None
                 start = time.perf_counter()
-                self.future.result()
+                self.future.exception()  # waits; the error, if any, is raised below
                 self.stats.wait_s += time.perf_counter() - start
             if not first:
                 self.stats.late_steps += 1
-            self.step, self.future = self.future.result(), None
+            future, self.future = self.future, None  # taken before its result: an error surfaces once, here
+            self.step = future.result()
         if self.step is not None and self.prefetch and not self.sent:
             self._send(self.index[id(layer)])
         return self.step
@@ -209,8 +232,9 @@ class Ahead:
         for i, (key, ids, _) in enumerate(parts):
             if key in early:
                 future, offset = early[key]
-                if future.exception() is not None:  # done (submitted to this one-thread executor before this job)
-                    continue  # it failed: predicted as it comes, from the start of the prompt below
+                if future.cancelled() or future.exception() is not None:  # done or cancelled (submitted to this
+                    # one-thread executor before this job; `discard` cancels one that had not started)
+                    continue  # no prediction: predicted as it comes, from the start of the prompt below
                 scores, state = future.result()
                 rows[i] = scores[offset : offset + ids.shape[1]]
                 if offset + ids.shape[1] == len(scores):

@@ -107,6 +107,11 @@ def split(state: State, kept: list[int]) -> list[State]:
                   values=state.values[i : i + 1, :, -n:]) for i, n in enumerate(kept)]
 
 
+def select(state: State, rows: Tensor) -> State:
+    """The batch's state with its sequences in the order `rows` [B'] gives (beam search's reordering)."""
+    return State(h=state.h[:, rows], c=state.c[:, rows], keys=state.keys[rows], values=state.values[rows])
+
+
 def sparsemax(z: Tensor, mask: Tensor) -> Tensor:
     """Sparsemax (Martins & Astudillo 2016) over the last dim, masked entries excluded: the Euclidean
     projection of z onto the simplex, so small scores get exactly 0. z [..., n], mask [..., n] bool."""
