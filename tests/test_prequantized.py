@@ -83,6 +83,10 @@ def test_transformers_reads_the_tiny_quantized_checkpoints_too(ckpt, name):
     which moedeploy reads (real DeepSeek-V3 has them: kv_a_proj_with_mqa is 576 rows)."""
     quantized, _ = ckpt(name)
     ours, theirs = load(quantized, dtype="float32"), _transformers(quantized)
+    kept = sorted({str(p.dtype) for p in theirs.parameters() if p.is_floating_point() and p.dtype != torch.float32})
+    if kept:  # transformers 5.17 leaves MXFP4 experts in bfloat16 and then multiplies them by float32 inputs
+        pytest.skip(f"transformers {T.__version__} dequantizes this checkpoint to {', '.join(kept)} although float32 "
+                    "was asked: no float32 reference here")
     with torch.inference_mode():
         _close(ours(IDS).logits, theirs(IDS).logits)
 
