@@ -27,3 +27,7 @@ class PlacementError(MoeDeployError, ValueError):
 
 class DistributedError(MoeDeployError):
     """A multi-process run failed: a rank died, a collective timed out, or the ranks disagree."""
+
+
+class OutputError(MoeDeployError, OSError):
+    """A file moedeploy was asked to write could not be written (no space, no permission, a bad path)."""

@@ -180,6 +180,67 @@ def test_truncated_or_corrupt_files_are_refused(trained, tmp_path, capsys):
     assert "truncated" in err and "Traceback" not in err
 
 
+def _variant(src: Path, dst: Path, drop=(), config=None, tensors=None) -> Path:
+    pf = files.read(src)
+    return files.save(dst, pf.kind, {k: v for k, v in pf.model.items() if k not in drop}, pf.config | (config or {}),
+                      pf.training, pf.tensors | (tensors or {}))
+
+
+def test_a_predictor_file_that_disagrees_with_itself_is_refused(trained, tmp_path, tiny):
+    """Settings no network can have, tensors of the wrong shape, a header that leaves out what the model is or is
+    not JSON objects where it must be: a PredictorError naming the file, never a crash or a silent load."""
+    import moedeploy
+    from moedeploy.predict.sida import SidaPredictor
+
+    model_dir, _, out = trained
+    model = moedeploy.load(model_dir)
+    bad = {"heads": _variant(out, tmp_path / "heads.safetensors", config={"heads": 0}),
+           "window": _variant(out, tmp_path / "window.safetensors", config={"window": 0}),
+           "frequency": _variant(out, tmp_path / "freq.safetensors", tensors={"frequency": torch.ones(1, 3)})}
+    for name, path in bad.items():
+        with pytest.raises(PredictorError, match=str(path)):
+            SidaPredictor.load(path, model)
+    for field in ("router_fingerprint", "vocab_size", "top_k"):  # another checkpoint would load if they were left out
+        with pytest.raises(PredictorError, match=f"{field} missing"):
+            SidaPredictor.load(_variant(out, tmp_path / f"no-{field}.safetensors", drop=(field,)),
+                               moedeploy.load(tiny("qwen3_moe", seed=1)))
+    from safetensors.torch import save_file
+
+    for name, meta in {"int": "7", "list": json.dumps({"format": 1, "kind": "sida", "model": [1, 2]})}.items():
+        path = tmp_path / f"meta-{name}.safetensors"
+        save_file({"x": torch.zeros(2)}, str(path), metadata={files.KEY: meta})
+        with pytest.raises(PredictorError, match="corrupt header|not a moedeploy predictor"):
+            files.read(path)
+
+
+def test_a_failed_write_leaves_the_old_predictor_whole(trained, tmp_path):
+    """Predictor files are written beside their destination and renamed over it: a write the system refuses
+    midway (here a file-size limit: the disk is "full" after 4 KB) leaves the previous file as it was, no
+    temporary file, and an error naming the file."""
+    import subprocess
+    import sys
+
+    _, _, out = trained
+    dst = tmp_path / "p.safetensors"
+    dst.write_bytes(out.read_bytes())
+    script = (
+        "import resource, signal, sys\n"
+        "from moedeploy.errors import OutputError\n"
+        "from moedeploy.predict import files\n"
+        "pf = files.read(sys.argv[1])\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "try:\n"
+        "    files.save(sys.argv[1], pf.kind, pf.model, pf.config, pf.training, pf.tensors)\n"
+        "except OutputError as ex:\n"
+        "    print(ex)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(dst)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"could not write {dst}: File too large")
+    assert dst.read_bytes() == out.read_bytes() and [p.name for p in tmp_path.iterdir()] == ["p.safetensors"]
+
+
 def test_shipped_demo_predictor_is_the_default(tmp_path, capsys):
     """The demo model's predictor ships and loads by default (a few hundred held-out tokens)."""
     from moedeploy.predict.sida import DEMO_PREDICTOR

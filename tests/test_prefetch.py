@@ -99,6 +99,11 @@ def test_bad_predictor_input(tmp_path):
     (tmp_path / "junk.npz").write_text("not numpy")
     with pytest.raises(PredictorError, match="not a moedeploy predictor"):
         HistoryPredictor.load(tmp_path / "junk.npz")
+    whole = fit([np.zeros((5, 3, 2), int)], 8, max_lookahead=1).save(tmp_path / "whole.npz").read_bytes()
+    for cut in (len(whole) // 2, len(whole) - 10):  # zipfile's own error for a cut archive, before
+        (tmp_path / "cut.npz").write_bytes(whole[:cut])
+        with pytest.raises(PredictorError, match="truncated or corrupt"):
+            HistoryPredictor.load(tmp_path / "cut.npz")
     other = fit([np.zeros((5, 4, 2), int)], 16, max_lookahead=2)  # 4 layers x 16 experts
     with pytest.raises(PredictorError, match="fitted for 4 layers x 16 experts"):
         replay_prefetch(trace, 2, other)

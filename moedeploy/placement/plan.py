@@ -12,13 +12,12 @@ Legend: L = MoE layers, E = experts per layer, S = physical slots per layer (S >
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replaced
 from ..errors import PlacementError
 
 FORMAT = "moedeploy-placement"
@@ -87,18 +86,10 @@ class Placement:
                 "slots": self.slots.tolist(), "share": np.round(self.share, 6).tolist(), "notes": self.notes}
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a temporary file in the same folder, renamed over `path`."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (atomic.replaced): a reader sees the old file or the whole new one."""
+        with replaced(path, "w") as f:
+            json.dump(self.to_json(), f)
+        return Path(path)
 
 
 def read_placement(path: str | Path) -> Placement:

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import replaced
 from .base import PredictorError
 
 FORMAT = 1
@@ -50,14 +51,14 @@ class PredictorFile:
 
 
 def save(path: str | Path, kind: str, model: dict, config: dict, training: dict, tensors: dict[str, Tensor]) -> Path:
-    from safetensors.torch import save_file
+    """Write a predictor file whole or not at all (atomic.replaced)."""
+    from safetensors.torch import save as serialize
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     header = {"format": FORMAT, "kind": kind, "model": model, "config": config, "training": training}
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={KEY: json.dumps(header)})
-    return path
+    data = serialize({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={KEY: json.dumps(header)})
+    with replaced(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def read(path: str | Path, kind: str | None = None) -> PredictorFile:
@@ -78,10 +79,14 @@ def read(path: str | Path, kind: str | None = None) -> PredictorFile:
     try:
         index = json.loads(raw)
         meta = json.loads(index.pop("__metadata__", {}).get(KEY, "null"))
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as ex:
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, TypeError) as ex:
         raise PredictorError(f"predictor file {path} has a corrupt header ({ex})") from ex
     if not isinstance(meta, dict):
         raise PredictorError(f"{path} is a safetensors file but not a moedeploy predictor (no {KEY!r} metadata)")
+    wrong = [part for part in ("model", "config", "training") if not isinstance(meta.get(part, {}), dict)]
+    if wrong or not isinstance(index, dict):
+        raise PredictorError(f"predictor file {path} has a corrupt header ({', '.join(wrong) or 'the index'} "
+                             "is not a JSON object)")
     if meta.get("format") != FORMAT:
         raise PredictorError(f"{path} is predictor format {meta.get('format')}; this moedeploy reads {FORMAT}")
     if kind is not None and meta.get("kind") != kind:
@@ -110,10 +115,14 @@ def read(path: str | Path, kind: str | None = None) -> PredictorFile:
 
 
 def check_model(path, trained: dict, actual: dict, how: str = "moedeploy predict train --model DIR") -> None:
-    """Refuse a predictor trained for another model: the first of MODEL_FIELDS that both name and that differ.
+    """Refuse a predictor trained for another model: the first of MODEL_FIELDS that differs, or that the model
+    or trace at hand has and the header does not say (a predictor file always names them all).
     trained: the header's model fields; actual: the same fields of the model or trace at hand."""
     for name, words in MODEL_FIELDS.items():
-        if name in trained and name in actual and trained[name] != actual[name]:
+        if name in actual and name not in trained:
+            raise PredictorError(f"predictor {path} does not say the {words} of the model it was trained for ({name} "
+                                 f"missing from its header): corrupt, or from another version; train one with `{how}`")
+        if name in actual and trained[name] != actual[name]:
             raise PredictorError(f"predictor {path} was trained for a model with {words} {trained[name]}; this "
                                  f"model has {actual[name]} ({name} differs): train one for it with `{how}`")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import replaced
 from .base import PredictorError
 
 FORMAT = 1
@@ -67,12 +68,10 @@ class HistoryPredictor:
         return np.where(src > 0, self.counts[d - 1] / np.maximum(src, 1), self.top_k / E)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:  # a file object: numpy would otherwise append .npz to other names
+        with replaced(path) as f:  # a file object: numpy would otherwise append .npz to other names
             np.savez_compressed(f, format=FORMAT, counts=self.counts.astype(np.float32),
                                 sources=self.sources.astype(np.float32), top_k=self.top_k, tokens=self.tokens)
-        return path
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> HistoryPredictor:
@@ -87,8 +86,9 @@ class HistoryPredictor:
                         top_k=int(z["top_k"]), tokens=int(z["tokens"]))
         except PredictorError:
             raise
-        except (OSError, ValueError, KeyError) as ex:
-            raise PredictorError(f"{path} is not a moedeploy predictor file ({ex})") from ex
+        except Exception as ex:  # numpy's and zipfile's errors for a truncated or corrupt file are many
+            raise PredictorError(f"{path} is not a moedeploy predictor file, or is truncated or corrupt "
+                                 f"({type(ex).__name__}: {ex})") from ex
         if p.counts.ndim != 4 or p.sources.shape != p.counts.shape[:3]:
             raise PredictorError(f"{path} holds arrays of shapes {p.counts.shape}, {p.sources.shape}; not a predictor")
         return p

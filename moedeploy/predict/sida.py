@@ -55,6 +55,12 @@ class SidaConfig:
     distill_weight: float = 3.0  # 3 beat 1 (+2.8 points recall@4) and 10 (-0.4 at a lower top-1 hit rate)
 
     def __post_init__(self):
+        for name in ("width", "lstm_layers", "heads", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PredictorError(f"{name} must be a positive whole number, got {value!r}")
+        if not isinstance(self.distill_weight, (int, float)) or not self.distill_weight >= 0:
+            raise PredictorError(f"distill_weight must be a number >= 0, got {self.distill_weight!r}")
         if self.attention not in ("softmax", "sparsemax"):
             raise PredictorError(f"attention must be softmax or sparsemax, got {self.attention!r}")
         if self.distill not in ("l1", "kl"):
@@ -262,7 +268,12 @@ class SidaPredictor:
             m = pf.model
             net = SidaNet(cfg, m["hidden_size"], m["num_layers"], m["num_experts"])
             files.require(pf, ["frequency"])
+            frequency = pf.tensors["frequency"]
+            if tuple(frequency.shape) != (m["num_layers"], m["num_experts"]):
+                raise RuntimeError(f"its expert frequencies are {list(frequency.shape)}, not [layers, experts]")
             net.load_state_dict({k: v.float() for k, v in pf.tensors.items() if k != "frequency"})
+        except PredictorError as ex:  # its settings (SidaConfig)
+            raise PredictorError(f"predictor file {pf.path} has impossible settings: {ex}") from ex
         except (KeyError, TypeError, RuntimeError) as ex:
             raise PredictorError(f"predictor file {pf.path} does not hold a SiDA predictor of its header's shape "
                                  f"({str(ex).splitlines()[0]})") from ex

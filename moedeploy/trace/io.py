@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..atomic import replaced
 from ..errors import TraceError
 from .schema import COLUMNS, META_KEY, PHASES, Trace, TraceMeta, arrow_schema
 
@@ -49,7 +50,8 @@ def write_trace(trace: Trace, path: str | Path) -> Path:
         "weights": pa.FixedSizeListArray.from_arrays(pa.array(trace.weights.reshape(-1).astype(np.float32)), K),
     }
     table = pa.Table.from_arrays(list(cols.values()), schema=arrow_schema(trace.meta))
-    pq.write_table(table, path, compression="zstd")
+    with replaced(path) as f:
+        pq.write_table(table, f, compression="zstd")
     return path
 
 
