@@ -355,3 +355,57 @@ def test_real_esft_smoke(tmp_path, capsys):
     assert main(["predict", "eval", "--trace", str(tmp_path / "law"), "--predictor", str(out), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert len(res["layers"]) == 26 and 0 < res["mean_recall"]["6"] <= 1
+
+
+def test_a_trace_of_batched_decoding_streams_each_request_in_its_own_order(tiny):
+    """Serving order interleaves the requests of a batched decode; the predictors' stream takes each request's
+    tokens in order, so a row's previous row is its own request's previous token and only first tokens start."""
+    import moedeploy
+    from moedeploy.predict.cli import _stream
+    from moedeploy.trace.record import record
+
+    model = moedeploy.load(tiny("qwen3_moe"))
+    ids = torch.tensor([[5, 17, 33, 40, 41, 9], [7, 8, 100, 101, 3, 2]])
+    with record(model) as recorder, torch.no_grad():
+        model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    trace = recorder.trace()
+    assert len(set(trace.step.tolist())) > 1 and len(set(trace.request.tolist())) == 2
+    experts, first, _ = _stream(trace)
+    order = np.lexsort((trace.position, trace.request))
+    assert first.sum() == 2 and np.array_equal(experts, trace.experts[order])
+    request, position = trace.request[order], trace.position[order]
+    assert all(position[i] == position[i - 1] + 1 and request[i] == request[i - 1] for i in np.flatnonzero(~first))
+
+
+def test_predict_options_that_cannot_work_are_refused_before_any_work(tmp_path, capsys):
+    """Values no run can use, options of the other mode (--text or --trace), routing other than the router's, and
+    domains: each a one-line error (exit 2), nothing written; --domain needs a domain in some trace, not in each."""
+    rng = np.random.default_rng(0)
+    a, b = (write_esft(tmp_path, name, synthetic_routing(rng, 3, 12)) for name in ("a", "b"))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "p.safetensors"
+    trace, model = ["--trace", str(a)], ["--text", str(text)]
+    cases = [
+        (["eval", *model, "--context", "0"], "--context must be at least 2"),
+        (["eval", *trace, "--predictor", str(out), "--k", "0"], "--k takes positive integers"),
+        (["eval", *trace, "--predictor", str(out), "--k", "-1"], "--k takes positive integers"),
+        (["train", *trace, "--out", str(out), "--steps", "0"], "--steps must be at least 1"),
+        (["train", *model, "--out", str(out), "--steps", "-3"], "--steps must be at least 1"),
+        (["train", *model, "--out", str(out), "--epochs", "0"], "--epochs must be above 0"),
+        (["train", *trace, "--out", str(out), "--width", "7", "--save-dtype", "bfloat16", "--device", "cuda:7"],
+         "--width, --save-dtype, --device do not apply with --trace"),
+        (["train", *model, "--out", str(out), "--lookahead", "2"], "--lookahead does not apply with --text"),
+        (["eval", *trace, "--predictor", str(out), "--context", "64"], "--context does not apply with --trace"),
+        (["eval", *model, "--routing", "predicted"], "--routing predicted: predictors are trained and scored"),
+        (["train", *trace, "--trace", str(b), "--domain", "c", "--out", str(out)], "--domain 'c': not in the traces"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["predict", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert not out.exists()
+    assert main(["predict", "train", *trace, "--trace", str(b), "--domain", "a", "--out", str(out), "--steps", "2",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["domains"] == ["a"]

@@ -13,6 +13,7 @@ docs/prediction.md has the file format and the measured numbers.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -57,7 +58,32 @@ def _text_chunks(model, texts: list[str], context: int, max_tokens: int | None, 
 def _load_model(args):
     from ..api import load
 
+    if args.routing != "exact":
+        raise MoeDeployError(f"--routing {args.routing}: predictors are trained and scored on the router's own "
+                             "choices; leave --routing out")
     return load(args.model, **(load_options(args) | {"predictor": None}))  # --predictor is the evaluated one
+
+
+def _check_k(text: str | None, K: int) -> tuple[int, ...]:
+    """--k, or the model's top-k and twice it."""
+    ks = tuple(int_list(text, "--k")) if text else (K, 2 * K)
+    if not ks or min(ks) < 1:
+        raise MoeDeployError(f"--k takes positive integers, got {text!r}")
+    return ks
+
+
+def _check_context(context: int) -> None:
+    if context < 2:
+        raise MoeDeployError(f"--context must be at least 2 tokens, got {context}")
+
+
+def _refuse_others(args, mode: str) -> None:
+    """Options of the other mode (--text or --trace) given with this one: an error, not silently ignored."""
+    other = args.trace_only if mode == "--text" else args.text_only
+    given = ["--" + dest.replace("_", "-") for dest, default in other.items() if getattr(args, dest) != default]
+    if given:
+        raise MoeDeployError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with {mode}; "
+                             f"{'they are' if len(given) > 1 else 'it is'} for {'--trace' if mode == '--text' else '--text'}")
 
 
 # -- text: SiDA -----------------------------------------------------------------------------------------------
@@ -68,8 +94,7 @@ def _train_text(args) -> int:
     from .record import concat, run
     from .sida import SidaConfig, TrainConfig, train
 
-    if args.context < 2:
-        raise MoeDeployError(f"--context must be at least 2 tokens, got {args.context}")
+    _check_context(args.context)
     texts = [read_text(p, "--text") for p in args.text]
     model = _load_model(args)
     chunks = [c for c in _text_chunks(model, texts, args.context, args.max_tokens, args.seed) if len(c) == args.context]
@@ -103,14 +128,13 @@ def _eval_text(args) -> int:
     from .record import run
     from .sida import DEMO_PREDICTOR, load_for
 
+    _check_context(args.context)
     texts = [read_text(p, "--text") for p in args.text]
     model = _load_model(args)
     sida = load_for(model, args.predictor)
     layers = list(model.moedeploy.layers.values())
     K, L = layers[0].router.top_k, len(layers)
-    ks = tuple(int_list(args.k, "--k")) if args.k else (K, 2 * K)
-    if not ks or min(ks) < 1:
-        raise MoeDeployError(f"--k takes positive integers, got {args.k!r}")
+    ks = _check_k(args.k, K)
     predictors = {"sida": sida, "lookahead": LookaheadPredictor([layer.router for layer in layers]),
                   "frequency": FrequencyPredictor(sida.frequency)}
     tallies = {name: Tally(ks, L, K) for name in predictors}
@@ -150,13 +174,15 @@ def _read_traces(paths: list[str], domains: list[str] | None) -> list:
     """[(domain name, Trace)] of every domain of the traces (only `domains` when given)."""
     from ..trace import load_trace
 
-    traces = []
+    traces, seen = [], []
     for path in paths:
         found = load_trace(path).by_domain()
-        for name in domains or []:
-            if name not in found:
-                raise MoeDeployError(f"--domain {name!r} is not in {path} (it has: {', '.join(found)})")
+        seen += found
         traces += [(name, t) for name, t in found.items() if not domains or name in domains]
+    missing = [name for name in domains or [] if name not in seen]
+    if missing:
+        raise MoeDeployError(f"--domain {', '.join(map(repr, missing))}: not in the traces given (they have: "
+                             f"{', '.join(dict.fromkeys(seen))})")
     shapes = {(t.meta.num_layers, t.meta.num_experts, t.meta.top_k) for _, t in traces}
     if len(shapes) > 1:
         raise MoeDeployError(f"the traces have different model shapes {sorted(shapes)}: use one model's traces")
@@ -164,10 +190,12 @@ def _read_traces(paths: list[str], domains: list[str] | None) -> list:
 
 
 def _stream(trace):
-    """A trace as one stream in serving order: (experts [N, L, K], first [N] bool, top1 [N, L])."""
+    """A trace as one stream, request after request, each in position order, so a row's previous row is the
+    same request's previous token (in a trace of batched decoding, serving order interleaves the requests):
+    (experts [N, L, K], first [N] bool: a request's first row, top1 [N, L])."""
     import numpy as np
 
-    order = np.lexsort((trace.position, trace.request, trace.step))
+    order = np.lexsort((trace.position, trace.request))
     request = trace.request[order]
     first = np.ones(len(order), bool)
     first[1:] = request[1:] != request[:-1]
@@ -212,7 +240,7 @@ def _eval_trace(args) -> int:
     traces = _read_traces(args.trace, args.domain)
     meta = traces[0][1].meta
     L, E, K = meta.num_layers, meta.num_experts, meta.top_k
-    ks = tuple(int_list(args.k, "--k")) if args.k else (K, 2 * K)
+    ks = _check_k(args.k, K)
     if Path(args.predictor).suffix == ".npz":  # the co-occurrence table of `predict fit`
         table = HistoryPredictor.load(args.predictor)
         table.check(L, E, K, 1)
@@ -257,6 +285,13 @@ def cmd_train(args) -> int:
     if bool(args.text) == bool(args.trace):
         raise MoeDeployError("give --text (a SiDA predictor from a model's routing) or --trace (a trace-history "
                              "predictor), not both")
+    _refuse_others(args, "--text" if args.text else "--trace")
+    if args.steps is not None and args.steps < 1:
+        raise MoeDeployError(f"--steps must be at least 1, got {args.steps}")
+    if args.epochs is not None and not args.epochs > 0:
+        raise MoeDeployError(f"--epochs must be above 0, got {args.epochs}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise MoeDeployError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     return _train_text(args) if args.text else _train_trace(args)
 
 
@@ -264,7 +299,22 @@ def cmd_eval(args) -> int:
     if bool(args.text) == bool(args.trace):
         raise MoeDeployError("give --text (score on a model's routing of text) or --trace (score on a routing "
                              "trace), not both")
+    _refuse_others(args, "--text" if args.text else "--trace")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise MoeDeployError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     return _eval_text(args) if args.text else _eval_trace(args)
+
+
+def _load_option_dests() -> tuple[str, ...]:
+    probe = argparse.ArgumentParser(add_help=False)
+    add_load_options(probe, predictor=False)
+    return tuple(vars(probe.parse_args([])))
+
+
+def _modes(p: argparse.ArgumentParser, text_only: tuple[str, ...], trace_only: tuple[str, ...]) -> None:
+    """Remember which options belong to one mode, with their defaults, for `_refuse_others`."""
+    p.set_defaults(text_only={d: p.get_default(d) for d in text_only + _load_option_dests()},
+                   trace_only={d: p.get_default(d) for d in trace_only})
 
 
 def cmd_fit(args) -> int:
@@ -309,6 +359,8 @@ def add_commands(sub) -> None:
     t.add_argument("--json", action="store_true")
     add_load_options(t, predictor=False)
     t.set_defaults(func=cmd_train)
+    _modes(t, ("model", "context", "max_tokens", "width", "attention", "distill", "distill_weight", "save_dtype"),
+           ("lookahead", "domain"))
 
     e = psub.add_parser("eval", help="recall@k and hit rate of a predictor, per layer, with baselines")
     e.add_argument("--model", default=None, help="with --text: checkpoint directory; default the demo model")
@@ -323,6 +375,7 @@ def add_commands(sub) -> None:
     e.add_argument("--json", action="store_true")
     add_load_options(e, predictor=False)
     e.set_defaults(func=cmd_eval)
+    _modes(e, ("model", "context", "max_tokens"), ("domain",))
 
     f = psub.add_parser("fit", help="fit the co-occurrence table of `simulate --prefetch history` on routing traces")
     f.add_argument("--trace", required=True, action="append", help="a Parquet trace or ESFT directory (repeatable)")
