@@ -430,3 +430,19 @@ def test_experts_predicted_for_a_layer_are_not_protected_once_it_has_run():
     model = moedeploy.load(expert_memory=0.25, prefetch="sida")
     run(model, new=6)
     assert all(not layer.pool.ahead for layer in model.moedeploy.layers.values())
+
+
+def test_a_cache_that_goes_back_is_refused_by_predicted_routing_and_restarts_a_prefetch(reference):
+    """Prompt-lookup decoding crops the KV cache when a draft is rejected; the predictor's state cannot go back
+    with it. Routing that reads the prediction says so; SiDA's prefetch starts over and stays exact."""
+    ids = PROMPT.repeat(1, 2)  # repeated text: drafts from the prompt, some rejected
+    want = moedeploy.load().generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prefetching = moedeploy.load(expert_memory=0.25, prefetch="sida")
+        got = prefetching.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                   prompt_lookup_num_tokens=3)
+        assert torch.equal(got, want)
+        with pytest.raises(PredictorError, match="cropped by assisted or prompt-lookup decoding"):
+            moedeploy.load(routing="predicted").generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                                         prompt_lookup_num_tokens=3)

@@ -11,7 +11,8 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
 A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
 state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
 sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step,
-the fast path). In the engine's packed steps (engine/runner.py) each request's chunk continues that
+the fast path), with beam search's row reorders; a cache that went back (assisted or prompt-lookup decoding
+crops it) cannot be followed: routing that reads the prediction refuses it, a prefetch starts over. In the engine's packed steps (engine/runner.py) each request's chunk continues that
 request's own state, the running requests' decode tokens in one batched step, and the states of ended
 requests are dropped; with `queued` (CUDA) the engine hands the prompts admitted next over between steps
 (`prepare`), and their prefill chunks take the prediction made while other requests ran.
@@ -82,6 +83,7 @@ class Ahead:
         self.queued = self.stream is not None  # predict queued prompts ahead: on CUDA (the predictor's own stream).
         # On the CPU its whole-prompt forwards take the model's cores: 0.91x the no-prefetch rate against 1.01x
         # without, at 2 threads (16 requests of 200 tokens, 8 running; docs/benchmarks.md, "Serving")
+        self.seen = 0  # tokens of model.generate's sequences the predictor's state holds (the KV cache's length)
         self.future: Future | None = None
         self.step: Prediction | None = None
         self.sent = False
@@ -112,11 +114,26 @@ class Ahead:
                     if length >= S:  # its last prompt chunk
                         del self.prepared[request]
         else:
-            cache = kv_cache(kwargs)
-            if cache is not None:
-                self._follow(cache)
-            parts, live = [(None, ids, cache is None or cache.get_seq_length() == 0)], None
+            parts, live = [(None, ids, self._fresh(kv_cache(kwargs), ids.shape[1]))], None
         self.future = self.executor.submit(self._predict, parts, live, early)
+
+    def _fresh(self, cache, tokens: int) -> bool:
+        """model.generate's (or a direct call's) step: does it start new sequences? A cache that does not hold
+        exactly the tokens the predictor has seen (cropped by assisted or prompt-lookup decoding, or filled
+        without it) cannot be followed: routing that reads the prediction refuses it; a prefetch starts over."""
+        length = 0 if cache is None else cache.get_seq_length()
+        seen, self.seen = self.seen, length + tokens
+        if length == 0:
+            return True
+        self._follow(cache)
+        if length == seen:
+            return False
+        if self.wait:
+            raise PredictorError(f"the KV cache holds {length} tokens, but the predictor has seen {seen} of this "
+                                 "sequence (a cache cropped by assisted or prompt-lookup decoding, or filled without "
+                                 "the predictor): routing that reads the prediction cannot follow it; use "
+                                 "routing='exact' with prefetch='sida' for such decoding")
+        return True
 
     def _follow(self, cache) -> None:
         """Beam search reorders the KV cache's rows between steps (`Cache.reorder_cache`, transformers' public
@@ -261,6 +278,7 @@ class Ahead:
             self.future.exception()  # waits, raises nothing: its state writes are over before the states go
         self.executor.submit(lambda: None).result()  # and so are those of prepares already running
         self.future, self.step, self.states, self.prepared, self.stats = None, None, {}, {}, AheadStats()
+        self.seen = 0
 
 
 def _by_mass(scores: Tensor, top: Tensor) -> list[list[int]]:
