@@ -225,3 +225,49 @@ def test_an_unwritable_cache_folder_is_a_clear_error(tiny, cache_dir, monkeypatc
     cache_dir.write_text("a file, not a folder")
     with pytest.raises(OptionError, match="cannot write its quantized cache .* set MOEDEPLOY_CACHE"):
         _disk(tiny("qwen3_moe", **SMALL))
+
+
+def test_an_int4_cache_packed_for_another_cpu_is_not_read(own_copy, cache_dir):
+    """torch's CPU int4 packing follows the instruction set it runs with (and may change with torch): a cache
+    packed under one is never read under another (a shared home folder, an upgraded torch), and each gives the
+    resident model's logits. Here the second process runs torch's portable kernels (ATEN_CPU_CAPABILITY)."""
+    import subprocess
+    import sys
+
+    assert torch.equal(_logits(_disk(own_copy, "int4")), _logits(load(own_copy, dtype="float32", expert_dtype="int4")))
+    script = ("import sys, torch\n"
+              "from moedeploy import load\n"
+              "ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(3))\n"
+              "kw = dict(dtype='float32', expert_dtype='int4')\n"
+              "with torch.inference_mode():\n"
+              "    disk = load(sys.argv[1], expert_memory=0.5, expert_store='disk', **kw)(ids).logits\n"
+              "    print(torch.equal(disk, load(sys.argv[1], **kw)(ids).logits), torch.backends.cpu.get_cpu_capability())\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", script, str(own_copy)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "DEFAULT"], done.stdout
+    if torch.backends.cpu.get_cpu_capability() != "DEFAULT":
+        assert len(_folders(cache_dir)) == 2  # one per packing
+
+
+def test_two_builds_of_one_cache_at_once_leave_the_first_in_place(own_copy, cache_dir, monkeypatch):
+    """A build that finishes after another process installed the same cache leaves that one where it is (its
+    process may be reading it) and uses it."""
+    from moedeploy.quant import cache as qc
+
+    seen = {}
+    ensure = qc.QuantCache.ensure
+
+    def spy(self, layers):
+        seen["cache"], seen["layers"] = self, layers
+        return ensure(self, layers)
+
+    monkeypatch.setattr(qc.QuantCache, "ensure", spy)
+    model = _disk(own_copy)
+    cache = seen["cache"]
+    installed = os.stat(cache.dir).st_ino
+    assert cache._build(seen["layers"]) is None  # the late build: the winner's stays
+    assert os.stat(cache.dir).st_ino == installed and not [d for d in (cache_dir / "quantized").iterdir()
+                                                          if d.name.startswith(".")]
+    assert torch.equal(_logits(model), _logits(load(own_copy, dtype="float32", expert_dtype="int8")))

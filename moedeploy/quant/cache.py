@@ -30,7 +30,7 @@ Writes are atomic: a build writes into a temporary folder `.tmp-<name>-<pid>-...
 (same file system), each file fsynced, the manifest last, then renames the folder into place. A crash
 leaves only a temporary folder, which no load reads and a later build removes once its process is gone.
 Two processes building the same cache at once each write their own; the first rename wins, the other
-checks and uses the winner's.
+finds a whole cache in place, leaves it (the winner may be reading it) and uses it.
 """
 
 from __future__ import annotations
@@ -130,6 +130,9 @@ class QuantCache:
                          "model_dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
         if spec.layout != "cpu":  # named only when not the default, so the caches written before it stay found
             self.identity["layout"] = spec.layout
+        elif spec.dtype == "int4":  # torch's CPU int4 packing depends on its version and the CPU's instruction set:
+            # a cache packed elsewhere (a shared home folder, an upgraded torch) would be read wrong here
+            self.identity["packing"] = f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
         self.key = {**self.identity, "files": checkpoint_files(path)}
         self.parent = (root or cache_root()) / "quantized"
         self.name = f"{_digest(self.identity)}-{_digest(self.key)}"
@@ -260,18 +263,20 @@ class QuantCache:
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))  # last: a folder without it is never used
             _fsync(tmp / MANIFEST)
             _fsync(tmp)
-            return manifest if self._install(tmp) else None
+            return manifest if self._install(tmp, [path for path, _ in layers]) else None
         except OSError as ex:  # a full disk, most likely
             raise OptionError(f"moedeploy could not write its quantized cache in {self.parent} ({ex}); free space "
                               "there or set MOEDEPLOY_CACHE to another folder") from ex
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # gone already when installed
 
-    def _install(self, tmp: Path) -> bool:
+    def _install(self, tmp: Path, paths: list[str]) -> bool:
         """Rename the built folder into place (an unusable one there is moved aside, then removed). False
-        when another process installed its own first."""
+        when another process installed its own first: a whole one is left in place, for it may be in use."""
         old = None
         if self.dir.exists():
+            if self._check(paths)[0] is not None:
+                return False
             old = self.parent / f".old-{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(self.dir, old)
