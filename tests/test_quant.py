@@ -49,6 +49,21 @@ def test_each_kernel_matches_its_reference_on_odd_shapes(fmt, group, dtype):
         _close(kernel(x), x.float() @ deq.T, dtype)
 
 
+def test_int8_groups_add_up_in_float32():
+    """Groups of a row run as one kernel call each; their partial sums add up in float32 and round to bfloat16
+    once, so 64 groups cost about one rounding of the output, not one per group."""
+    torch.manual_seed(0)
+    q, scale = quantize_int8(torch.randn(64, 2048), 32)
+    scale = scale.bfloat16()
+    x = torch.randn(8, 2048).bfloat16()
+    want = x.float() @ dequantize_int8(q, scale).T
+
+    def err(got):
+        return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+    assert err(mm_int8(x, q, scale)) <= 2 * err(want.bfloat16())
+
+
 def test_quantization_error_is_within_half_a_step():
     torch.manual_seed(2)
     w = torch.randn(32, 64)

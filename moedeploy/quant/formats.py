@@ -103,12 +103,12 @@ def mm_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     if G == 1:
         return torch._weight_int8pack_mm(x.contiguous(), q, s[:, 0].contiguous())
     g = q.shape[1] // G
-    out = None
-    for i in range(G):  # one kernel call per group: the kernel takes one scale per row
-        part = torch._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), q[:, i * g:(i + 1) * g].contiguous(),
+    out = torch.zeros(x.shape[0], q.shape[0], dtype=torch.float32, device=x.device)  # [M, N]
+    for i in range(G):  # one kernel call per group (the kernel takes one scale per row), summed in float32: in
+        # x's dtype (bfloat16) each group's partial sum would be rounded once more
+        out += torch._weight_int8pack_mm(x[:, i * g:(i + 1) * g].contiguous(), q[:, i * g:(i + 1) * g].contiguous(),
                                          s[:, i].contiguous())
-        out = part if out is None else out + part
-    return out
+    return out.to(x.dtype)
 
 
 # --- int4 ---------------------------------------------------------------------------------------------------------
