@@ -320,3 +320,14 @@ def test_bench_quant_reports_one_json_object(tiny, capsys, tmp_path):
     assert set(rows) == {"float32", "int8", "int4"}
     assert rows["int4"]["expert_bytes"] < rows["int8"]["expert_bytes"] < rows["float32"]["expert_bytes"]
     assert rows["float32"]["agreement_tokens"] == [4, 4, 4] and rows["float32"]["perplexity_change"]["t"] == 0
+
+
+def test_bench_decode_counts_a_tied_head_whole(tiny):
+    """A token reads one row of the input embeddings, but the whole matrix when it is also the output head
+    (tied embeddings, as in Granite's MoE models): the bound counts what is read."""
+    from moedeploy.bench.decode import model_bytes_per_token
+
+    untied, tied = (load(tiny("granitemoe", tie_word_embeddings=tie), dtype="float32") for tie in (False, True))
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    row = tied.get_input_embeddings().weight[0].numel() * 4
+    assert model_bytes_per_token(tied) == model_bytes_per_token(untied) - row

@@ -47,25 +47,33 @@ def read_bandwidth(threads: int, repeats: int = 5) -> float:
 
 
 def model_bytes_per_token(model) -> int:
-    """Dense weights (less the input embedding) + K experts per MoE layer, in the bytes the model holds."""
+    """Dense weights (less the input embedding, of which a token reads one row, unless it is also the output
+    head, which reads it whole) + K experts per MoE layer, in the bytes the model holds."""
     layers = model.moedeploy.layers.values()
     expert_params = {id(t) for layer in layers for t in layer.experts.parameters()}
     expert_params |= {id(t) for layer in layers for t in layer.experts.buffers()}
-    embedding = {id(model.get_input_embeddings().weight)}
-    dense = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in expert_params | embedding)
-    dense += model.get_input_embeddings().weight[0].numel() * model.get_input_embeddings().weight.element_size()
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding
+    skip = expert_params if tied else expert_params | {id(embedding)}
+    dense = sum(t.numel() * t.element_size() for t in model.parameters() if id(t) not in skip)
+    if not tied:
+        dense += embedding[0].numel() * embedding.element_size()
     routed = sum(layer.router.rule.top_k * layer.experts.expert_bytes() for layer in layers)
     return dense + routed
 
 
 def gguf_bytes_per_token(path: Path, llama_cpp: Path, top_k: int, num_experts: int) -> int:
-    """The same count from a GGUF's tensor table (llama.cpp's gguf-py): `*_exps` tensors hold all experts."""
+    """The same count from a GGUF's tensor table (llama.cpp's gguf-py): `*_exps` tensors hold all experts; without
+    an `output.weight` the embeddings are tied and the head reads `token_embd` whole."""
     sys.path.insert(0, str(llama_cpp / "gguf-py"))
     from gguf import GGUFReader
 
+    tensors = GGUFReader(str(path)).tensors
+    tied = not any(t.name == "output.weight" for t in tensors)
     total = 0
-    for t in GGUFReader(str(path)).tensors:
-        if t.name == "token_embd.weight":
+    for t in tensors:
+        if t.name == "token_embd.weight" and not tied:
             total += int(t.n_bytes) // int(t.shape[-1])  # one row
         elif "_exps" in t.name:
             total += int(t.n_bytes) * top_k // num_experts
