@@ -34,3 +34,13 @@ def decode_rate(model, ids, new_tokens: int, on_first=None) -> tuple[float, torc
                              streamer=clock)
     # clock.times[0] is the prompt, [1] the first new token: decode = the tokens after it
     return (len(clock.times) - 2) / (clock.times[-1] - clock.times[1]), out
+
+
+def since(before: dict | None, after: dict | None) -> dict | None:
+    """The numeric counters of `after` less those of `before`: statistics over a run's decode steps, given those
+    taken when its first new token arrived (`decode_rate`'s on_first). Rates and peaks do not subtract: recompute
+    them from the counters."""
+    if after is None:
+        return None
+    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+

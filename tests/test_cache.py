@@ -293,6 +293,34 @@ def test_bench_offload_runs_every_configuration_in_its_own_process(capsys):
     assert report["expert_bytes"] > report["dense_bytes"] > 0
 
 
+def test_bench_offload_counts_the_decode_steps_and_compares_each_dtype_with_its_own_resident(monkeypatch):
+    """A configuration's cache figures are its decode steps' (the prompt step left out, like the rate): two
+    decode steps of the demo model (4 MoE layers, top-4) ask for 32 experts. A quantized row's ratio is to the
+    resident model of its own expert dtype."""
+    import argparse
+
+    from moedeploy.api import DEMO_MODEL
+    from moedeploy.bench import offload
+
+    cfg = offload.Config("moedeploy", 0.5, store="host", prefetch=None)
+    cache = offload.child(cfg, DEMO_MODEL, "ROMEO.\nBut soft, what light", new_tokens=3, rounds=1, threads=1)["cache"]
+    assert cache["hits"] + cache["misses"] == 2 * 4 * 4
+
+    rates = {None: 10.0, "int4": 20.0}  # resident rates; budgets run at half of them
+
+    def spawn(cfg, args, timeout):
+        rate = rates[cfg.expert_dtype] * (0.5 if cfg.kind == "moedeploy" else 1.0)
+        return dict(rate=rate, tokens=[1, 2, 3], load_s=0.0, cache=None, peak_anon=0, peak_rss=0, peak_device=None,
+                    h2d=None)
+
+    monkeypatch.setattr(offload, "_spawn", spawn)
+    args = argparse.Namespace(new_tokens=3, device="cpu", dtype=None, baselines=False, expert_dtypes=[None, "int4"],
+                              budgets=[0.5], store="disk", prefetch=["lookahead"], timeout=1)
+    rows, _ = offload.bench(args, progress=lambda line: None)
+    assert {r.config: r.ratio_to_resident for r in rows} == {"resident": 1.0, "resident int4": 1.0,
+                                                             "moedeploy 0.5": 0.5, "moedeploy 0.5 int4": 0.5}
+
+
 def test_a_prefetch_still_copying_is_waited_for_and_counted_as_a_stall():
     """Copies on the copier thread: an acquire that needs a slot whose copy is in flight waits for it
     (the CPU form of a CUDA event), reads the right weights, and reports the wait as stall time."""

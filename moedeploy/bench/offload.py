@@ -14,7 +14,9 @@ Every configuration runs in its own process, so its peak memory is its own:
 
 `--expert-dtype none,int4` repeats the resident and moedeploy rows with quantized experts (the budget
 is then a fraction of the quantized expert bytes, and misses move the small form); each such row is
-compared with the resident model of its own expert dtype. `--dtype` sets the model dtype (default: the
+compared with the resident model of its own expert dtype (its rate and its tokens). The cache's figures
+(miss rate, MB moved, stall and transfer bound per token) are the decode steps', like the rate: the prompt
+step is left out. `--dtype` sets the model dtype (default: the
 checkpoint's); `--no-baselines` leaves out transformers and accelerate.
 
 On a CPU the "device" is host memory, so the comparison is memory budget vs disk. With `--device
@@ -166,7 +168,7 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
 
     from transformers import AutoTokenizer
 
-    from ..timing import decode_rate
+    from ..timing import decode_rate, since
 
     warnings.simplefilter("ignore")
     torch.set_num_threads(threads)
@@ -185,9 +187,11 @@ def child(cfg: Config, path: Path, prompt: str, new_tokens: int, rounds: int, th
             runtime = getattr(model, "moedeploy", None)
             if runtime:
                 runtime.empty_cache()  # every round from an empty cache
-            rate, out = decode_rate(model, ids, new_tokens)
+            counters = runtime.cache_stats if runtime else lambda: None  # None: no expert budget
+            first = {}  # the cache's counters when the first new token arrives: the decode steps' are the rest
+            rate, out = decode_rate(model, ids, new_tokens, on_first=lambda f=first, c=counters: f.update(c() or {}))
             rates.append(rate)
-            cache = runtime.cache_stats() if runtime else None
+            cache = since(first, counters())
     anon, rss = PeakMemory.now()
     cuda = cfg.device == "cuda"
     return dict(rate=statistics.median(rates), tokens=out[0].tolist(), load_s=load_s, cache=cache,
@@ -228,25 +232,26 @@ def bench(args, progress=print) -> tuple[list[Row], float | None]:
     for cfg in configs:
         progress(f"bench offload: {cfg.name} ...")
         results.append((cfg, _spawn(cfg, args, args.timeout)))
-    base = (results[0][1]["rate"] + results[-1][1]["rate"]) / 2
     h2d = results[0][1]["h2d"]
     resident = {cfg.expert_dtype: r for cfg, r in results if cfg.kind == "resident"}  # each expert dtype's baseline
+    base = {q: r["rate"] for q, r in resident.items()}  # quantized: its one resident run; the model dtype: the mean
+    base[None] = (results[0][1]["rate"] + results[-1][1]["rate"]) / 2  # of the first and the last
+    steps = max(args.new_tokens - 1, 1)  # decode steps: the cache counters are theirs (the prompt step's left out)
     rows = []
     for cfg, r in results:
-        same_as = resident[cfg.expert_dtype if cfg.kind in ("resident", "moedeploy") else None]
+        own = cfg.expert_dtype if cfg.kind in ("resident", "moedeploy") else None
         cache = r["cache"]
-        tokens = max(len(r["tokens"]) - 1, 1)
         rows.append(Row(config=cfg.name, budget=cfg.budget, decode_tokens_per_s=round(r["rate"], 2),
-                        ratio_to_resident=round(r["rate"] / base, 3), identical=r["tokens"] == same_as["tokens"],
+                        ratio_to_resident=round(r["rate"] / base[own], 3), identical=r["tokens"] == resident[own]["tokens"],
                         peak_anon_mb=round(r["peak_anon"] / 2**20, 1), peak_rss_mb=round(r["peak_rss"] / 2**20, 1),
                         load_s=round(r["load_s"], 2),
-                        miss_rate=cache and round(cache["miss_rate"], 4),
+                        miss_rate=cache and round(cache["misses"] / max(cache["hits"] + cache["misses"], 1), 4),
                         prefetch_useful=cache and round(cache["prefetch_hits"] / max(cache["prefetched"], 1), 3),
-                        mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / tokens, 3),
-                        stall_ms_per_token=cache and round(cache["stall_s"] * 1e3 / tokens, 3),
+                        mb_moved_per_token=cache and round(cache["bytes_moved"] / 2**20 / steps, 3),
+                        stall_ms_per_token=cache and round(cache["stall_s"] * 1e3 / steps, 3),
                         peak_device_mb=None if r["peak_device"] is None else round(r["peak_device"] / 2**20, 1),
                         transfer_bound_ms_per_token=None if not (cache and h2d) else
-                        round(cache["bytes_moved"] / tokens / h2d * 1e3, 3)))
+                        round(cache["bytes_moved"] / steps / h2d * 1e3, 3)))
     return rows, h2d
 
 

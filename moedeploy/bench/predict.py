@@ -88,7 +88,7 @@ def cost(model, ids: torch.Tensor, steps: int = 200) -> dict:
 def decode(budgets, ids, new_tokens: int, rounds: int, h2d: float | None = None) -> list[dict]:
     """The decode part on `ids`' device; `h2d` (CUDA: pinned host-to-device bytes/s) adds the transfer bound."""
     from ..api import load
-    from ..timing import decode_rate
+    from ..timing import decode_rate, since
 
     device = ids.device
     resident = load(device=device)
@@ -106,8 +106,8 @@ def decode(budgets, ids, new_tokens: int, rounds: int, h2d: float | None = None)
                 rate, out = decode_rate(model, ids, new_tokens, on_first=lambda m=model, p=prompt: p.update(
                     cache=m.moedeploy.cache_stats(), stats=m.moedeploy.stats()))
             rates[key].append(rate)
-            last[key] = (out, _since(prompt["cache"], model.moedeploy.cache_stats()),
-                         _since(prompt["stats"], model.moedeploy.stats()))
+            last[key] = (out, since(prompt["cache"], model.moedeploy.cache_stats()),
+                         since(prompt["stats"], model.moedeploy.stats()))
     rows = []
     steps = new_tokens - 1  # decode steps after the first new token
     for budget, name in models:
@@ -165,13 +165,6 @@ def serve(budgets, prompts: list[list[int]], new_tokens: int, rounds: int, devic
         rows.append({"budget": budget, "config": name, "requests": len(prompts), "tokens_per_s": round(rate, 2),
                      "vs_no_prefetch": round(rate / base, 3), "same_tokens_as_resident": same[(budget, name)]})
     return rows
-
-
-def _since(before: dict | None, after: dict | None) -> dict | None:
-    """The counters of `after` less those of `before` (decode steps only)."""
-    if after is None:
-        return None
-    return {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def quality(budgets, text: str, max_tokens: int, context: int, device: torch.device = CPU) -> list[dict]:
