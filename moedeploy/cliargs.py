@@ -29,12 +29,31 @@ def fractions(text: str, flag: str = "--budgets") -> list[float]:
         raise MoeDeployError(f"{flag} takes comma-separated fractions, got {text!r}") from ex
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag."""
+def int_list(text: str, flag: str, low: int | None = None) -> list[int]:
+    """'1,2,4' from the command line -> [1, 2, 4], or a clear error naming the flag (and `low`, the least allowed)."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as ex:
         raise MoeDeployError(f"{flag} takes comma-separated integers, got {text!r}") from ex
+    if low is not None and (not values or min(values) < low):
+        raise MoeDeployError(f"{flag} takes integers of at least {low}, got {text!r}")
+    return values
+
+
+def at_least(low: int):
+    """An argparse `type`: an integer of at least `low` (argparse names the flag in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"an integer is needed, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
 
 
 def add_load_options(p: argparse.ArgumentParser, predictor: bool = True) -> None:

@@ -7,6 +7,8 @@ import warnings
 
 import torch
 
+from .errors import OptionError
+
 
 class TokenClock:
     """A transformers streamer that timestamps the prompt and every generated token."""
@@ -27,6 +29,9 @@ class TokenClock:
 def decode_rate(model, ids, new_tokens: int, on_first=None) -> tuple[float, torch.Tensor]:
     """Greedy-generate exactly `new_tokens` after `ids`; return (decode tokens/s after the first new token, output).
     on_first: called once the prompt step is over (to separate its statistics from the decode steps')."""
+    if new_tokens < 2:
+        raise OptionError(f"a decode rate needs at least 2 new tokens (the first one ends the prompt step), got "
+                          f"{new_tokens}")
     clock = TokenClock(on_first)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the streaming notice at small budgets

@@ -49,6 +49,30 @@ def test_bad_option_value_is_reported(tiny, capsys):
     assert "unknown gating 'fast'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["bench", "decode", "--model", "M", "--rounds", "0"], "argument --rounds: must be at least 1, got 0"),
+    (["bench", "decode", "--model", "M", "--new-tokens", "1"], "argument --new-tokens: must be at least 2, got 1"),
+    (["bench", "decode", "--model", "M", "--threads", "0"], "--threads takes integers of at least 1"),
+    (["bench", "decode", "--model", "M", "--gguf", "model.gguf"], "--gguf takes NAME=FILE"),
+    (["bench", "quant", "--text", "/nonexistent.txt"], "--text /nonexistent.txt is not a file"),
+    (["bench", "predict", "--parts", "serve", "--requests", "0"], "argument --requests: must be at least 1"),
+    (["bench", "offload", "--prefetch", "both"], "--prefetch takes lookahead, sida or none"),
+    (["bench", "quant", "--rounds", "0"], "argument --rounds: must be at least 1"),
+])
+def test_benchmark_options_that_cannot_work_are_refused_at_once(tiny, capsys, args, message):
+    """Before any model loads or any round runs: a one-line error naming the option, exit 2, no traceback (they
+    were a ZeroDivisionError, a StatisticsError, a ValueError of dict(), or a FileNotFoundError after loading)."""
+    args = [str(tiny("qwen3_moe")) if a == "M" else a for a in args]
+    try:
+        code = main(args)
+    except SystemExit as ex:  # argparse's own refusal, and bench decode's
+        code = ex.code if isinstance(ex.code, int) else 2
+        if not isinstance(ex.code, int):
+            print(ex.code, file=sys.stderr)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_checkpoint_without_tokenizer(tiny, tmp_path, capsys):
     import shutil
 
@@ -86,3 +110,15 @@ def test_generate_and_eval_ppl_can_record_a_trace(tiny, tmp_path, capsys):
     text.write_text("Dynamic gating sorts tokens by expert. " * 8)
     assert main(["eval-ppl", "--model", path, "--text", str(text), "--trace", str(tmp_path / "e.parquet")]) == 0
     assert len(read_trace(tmp_path / "e.parquet").step) > 0
+
+
+def test_a_decode_rate_needs_two_new_tokens(tiny):
+    """The rate is over the tokens after the first (which ends the prompt step): one new token has none."""
+    import torch
+
+    from moedeploy import load
+    from moedeploy.errors import OptionError
+    from moedeploy.timing import decode_rate
+
+    with pytest.raises(OptionError, match="at least 2 new tokens"):
+        decode_rate(load(tiny("qwen3_moe")), torch.tensor([[5, 6, 7]]), 1)

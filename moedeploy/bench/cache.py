@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..cliargs import at_least
 from ..timing import decode_rate
 from .layer import machine
 
@@ -79,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of all expert bytes")
     parser.add_argument("--policies", default="lru,lifo", help="comma-separated eviction policies")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--new-tokens", type=at_least(2), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print only the JSON object")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..cliargs import int_list
+from ..cliargs import at_least, int_list
 from .layer import machine
 
 GIB = 1 << 30
@@ -104,9 +104,15 @@ def _load(model_dir, config: str):
 def run(args) -> int:
     from ..timing import decode_rate
 
-    threads = int_list(args.threads, "--threads")
+    threads = int_list(args.threads, "--threads", low=1)
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [g for g in args.gguf or [] if "=" not in g or not g.split("=", 1)[1]]
+    if bad:
+        raise SystemExit(f"bench decode: --gguf takes NAME=FILE (a name for the table, then the GGUF), got {bad[0]!r}")
     ggufs = dict(g.split("=", 1) for g in args.gguf or [])
+    missing = [f for f in ggufs.values() if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"bench decode: --gguf {missing[0]} is not a file")
     llama_cpp = Path(args.llama_cpp) if args.llama_cpp else None
     binary = llama_cpp / "build" / "bin" / "llama-bench" if llama_cpp else None
     if ggufs and not (binary and binary.is_file()):
@@ -165,8 +171,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", default="1,2", help="torch (and llama.cpp) threads (default 1,2)")
     p.add_argument("--llama-cpp", help="a llama.cpp checkout built in DIR/build (llama-bench; gguf-py reads the GGUFs)")
     p.add_argument("--gguf", action="append", metavar="NAME=FILE", help="a GGUF of the same model (repeatable)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=at_least(2), default=32)
+    p.add_argument("--rounds", type=at_least(1), default=5)
     p.add_argument("--prompt", default="the experts of the model")
     p.add_argument("--timeout", type=float, default=600, help="seconds one llama-bench call may take")
     p.add_argument("--json", action="store_true")

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from ..cliargs import at_least
 from .layer import machine
 
 BUDGETS = (0.1, 0.25, 0.5, 1.0)
@@ -259,9 +260,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="fractions of all expert bytes")
     parser.add_argument("--store", default="disk", help="where moedeploy keeps non-resident experts: disk or host")
-    parser.add_argument("--prefetch", default="lookahead", help="moedeploy's prefetchers to run: lookahead, none, or both")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--prefetch", default="lookahead", help="moedeploy's prefetchers to run, comma-separated: "
+                        "lookahead, sida, none (default lookahead; lookahead,none runs both)")
+    parser.add_argument("--new-tokens", type=at_least(2), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=3)
     parser.add_argument("--prompt", default="ROMEO.\nBut soft, what light")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the budget is: host memory or the GPU")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each configuration's process")
@@ -283,7 +285,12 @@ def run(args: argparse.Namespace) -> int:
         raise MoeDeployError("bench offload compares with transformers + accelerate: pip install accelerate "
                              "(or pip install -e '.[bench]')")
     args.budgets = fractions(args.budgets)
-    args.prefetch = [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",") if p.strip()]
+    from ..predict.ahead import PREFETCHERS
+
+    given, args.prefetch = args.prefetch, [None if p.strip() == "none" else p.strip() for p in args.prefetch.split(",")
+                                           if p.strip()]
+    if not args.prefetch or any(p not in (None, *PREFETCHERS) for p in args.prefetch):
+        raise MoeDeployError(f"--prefetch takes {', '.join(PREFETCHERS)} or none, comma-separated, got {given!r}")
     args.expert_dtypes = [None if q.strip() == "none" else q.strip() for q in args.expert_dtype.split(",") if q.strip()]
     args.model_path = Path(args.model) if args.model else DEMO_MODEL
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..cliargs import at_least
 from .layer import machine
 
 HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "heldout"
@@ -195,12 +196,12 @@ def quality(budgets, text: str, max_tokens: int, context: int, device: torch.dev
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budgets", default="0.1,0.2,0.5", help="fractions of all expert bytes")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=at_least(2), default=64)
+    parser.add_argument("--rounds", type=at_least(1), default=5)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="prompt length, from the held-out text")
     parser.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens scored per quality run")
     parser.add_argument("--context", type=int, default=256, help="tokens per scored window")
-    parser.add_argument("--requests", type=int, default=8, help="requests served together (part serve)")
+    parser.add_argument("--requests", type=at_least(1), default=8, help="requests served together (part serve)")
     parser.add_argument("--parts", default="cost,decode,serve,quality", help="which parts to run")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),

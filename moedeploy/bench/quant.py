@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..cliargs import int_list
+from ..cliargs import at_least, int_list, read_text
 from .layer import machine
 
 HELD_OUT = Path(__file__).resolve().parent.parent / "data" / "heldout"
@@ -36,8 +36,9 @@ def run(args) -> int:
     from ..timing import decode_rate
 
     args.text = args.text or sorted(HELD_OUT.glob("*.txt"))
+    texts = {path: read_text(path, "--text") for path in args.text}  # before any model loads
     dtypes = [None] + [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    threads = int_list(args.threads, "--threads")
+    threads = int_list(args.threads, "--threads", low=1)
     models = {d: load(args.model, expert_dtype=d) for d in dtypes}
     name = lambda d: d or str(next(iter(models[None].parameters())).dtype).removeprefix("torch.")  # noqa: E731
     tokenizer = AutoTokenizer.from_pretrained(models[None].moedeploy.path)
@@ -47,7 +48,7 @@ def run(args) -> int:
         rows[d] = {"expert_dtype": name(d), "expert_bytes": sum(l.experts.expert_bytes() * l.experts.num_experts
                                                                   for l in layers), "perplexity": {}}
         for text in args.text:
-            rows[d]["perplexity"][text.stem] = round(perplexity(model, tokenizer, text.read_text()).perplexity, 4)
+            rows[d]["perplexity"][text.stem] = round(perplexity(model, tokenizer, texts[text]).perplexity, 4)
             print(f"  {name(d)}: {text.stem} perplexity {rows[d]['perplexity'][text.stem]}", file=sys.stderr)
     prompts = [tokenizer(p, return_tensors="pt")["input_ids"] for p in PROMPTS]
     greedy = {d: [decode_rate(m, ids, args.new_tokens)[1][0, ids.shape[1]:].tolist() for ids in prompts]
@@ -85,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtypes", default="int8,int4", help="expert dtypes besides the checkpoint's (default int8,int4)")
     p.add_argument("--text", type=Path, action="append", help="held-out texts (default: the demo's three plays)")
     p.add_argument("--threads", default="1,2", help="torch threads to decode with (default 1,2)")
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=at_least(2), default=64)
+    p.add_argument("--rounds", type=at_least(1), default=5)
     p.add_argument("--json", action="store_true")
 

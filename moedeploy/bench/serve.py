@@ -36,6 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..cliargs import at_least
+
 CONCURRENCY = (1, 2, 4, 8, 16, 32)
 START_S = 300  # the longest a server may take to load and answer its first request
 
@@ -322,7 +324,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="checkpoint directory; default: the embedded demo model")
     parser.add_argument("--text", help="a UTF-8 text to cut prompts from (default: the demo model's held-out plays)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)), help="requests in flight, a list")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency level (default 64)")
+    parser.add_argument("--requests", type=at_least(1), default=64, help="requests per concurrency level (default 64)")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request (greedy; default 32)")
     parser.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals, requests/s (default: all at once)")
     parser.add_argument("--expert-memory", default="none", help="moedeploy budgets to run: none (all resident), fractions "
