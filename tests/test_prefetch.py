@@ -30,10 +30,15 @@ def small_real(n: int = 300):
 def test_hand_worked_counters():
     """Capacity 1 per layer, lookahead 1, online predictor. Misses at positions 0-4 (nothing learnt yet),
     then token 2: layer 0 -> prefetch (1,0), a hit; token 3: prefetch (1,1), a hit; token 4: prefetch
-    (1,0) again but layer 1 wants expert 2: a wasted prefetch and a miss."""
+    (1,0) again but layer 1 wants expert 2: a wasted prefetch and a miss. With the default link a copy takes
+    80 layers' compute: both useful prefetches land late, and their layers wait (stalls 8 + 2); with a link
+    faster than the compute they land in time (stalls 8)."""
     r = replay_prefetch(trace_of(HAND, 3), 1, None, ONE, CostModel(expert_bytes=1))
     assert (r.misses, r.hits, r.prefetched, r.prefetch_hits, r.bytes_moved) == (8, 2, 3, 2, 11)
-    assert r.belady_misses == 10 and r.stall_ratio == 0.8 and r.bytes_ratio == 1.1
+    assert r.belady_misses == 10 and r.bytes_ratio == 1.1
+    assert r.late_prefetch_hits == 2 and r.stalls == 10 and r.stall_ratio == 1.0
+    fast = replay_prefetch(trace_of(HAND, 3), 1, None, ONE, CostModel(expert_bytes=1, link_gbps=1e6))
+    assert fast.late_prefetch_hits == 0 and fast.stalls == 8 and fast.stall_ratio == 0.8
 
 
 def test_without_prefetch_the_timeline_is_the_plain_cost_model():

@@ -67,8 +67,39 @@ def test_hand_worked_lru_and_lifo():
 
 
 def test_capacity_out_of_range():
-    with pytest.raises(OptionError, match="between 1 and 3"):
+    with pytest.raises(OptionError, match="between 1 .* and 3"):
         replay(trace_of(np.zeros((4, 1, 1), int), 3), "lru", capacity=4)
+    with pytest.raises(OptionError, match="between 2 \\(the top-k"):  # a token's experts must fit at once
+        replay(trace_of(np.array([[[0, 1]]] * 3), 4), "lru", capacity=1)
+
+
+def test_dropped_pairs_need_no_expert():
+    """An id of num_experts marks a pair dropped by capacity gating (Switch, NLLB): no expert to load. Experts
+    0, 1, 0, 1 at capacity 2: two cold misses, then two hits, for every policy and for Belady."""
+    from moedeploy.sim import PrefetchConfig, replay_prefetch
+
+    E = 3
+    experts = np.array([[[0, E]], [[1, E]], [[0, E]], [[1, E]]])
+    for policy in ("lru", "belady"):
+        r = replay(trace_of(experts, E), policy, capacity=2)
+        assert (r.hits, r.misses) == (2, 2), policy
+    r = replay_prefetch(trace_of(np.repeat(experts, 2, axis=1), E), 2, None, PrefetchConfig(width=0, evict="lru"))
+    assert (r.misses, r.belady_misses, r.stall_ratio) == (4, 4, 1.0)
+
+
+def test_a_prefetch_still_copying_when_its_layer_runs_is_a_stall():
+    """A perfect predictor one layer ahead, copies 80x longer than a layer's compute: every prefetch lands
+    late, so the layers wait as often as with no prefetch. Stalls count those waits (they counted misses only:
+    1 stall against Belady's 80), and the stall time says how long they were."""
+    from moedeploy.predict.history import ScoreConfig
+    from moedeploy.sim import PrefetchConfig, replay_prefetch, scores
+
+    trace = trace_of(np.array([[[t % 4], [(t + 2) % 4]] for t in range(40)]), 4)
+    S = scores.of(trace, "oracle", None, ScoreConfig(lookahead=1))
+    r = replay_prefetch(trace, 1, None, PrefetchConfig(width=1, evict="lru"), S=S)
+    assert r.belady_misses == 80 and r.misses == 1 and r.late_prefetch_hits == 79
+    assert r.stalls == 80 and r.stall_ratio == 1.0
+    assert 0.9 < r.stall_time_ratio < 1.0  # each late copy started one layer early: a little less waiting
 
 
 @pytest.mark.skipif(not ESFT.is_dir(), reason="the real traces in ../shared/data are absent")
@@ -95,3 +126,24 @@ def test_simulate_cli_sweep(tmp_path, capsys):
         (p, c) for p in ("lru", "lfu", "fifo", "lifo", "belady") for c in (2, 4)}
     assert (tmp_path / "o" / "miss_rate.png").stat().st_size > 1000
     assert main(["simulate", "--trace", str(tmp_path / "missing.parquet")]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--link-gbps", "0"], "link_gbps (--link-gbps) must be above 0"),
+    (["--memory-gbps", "0"], "memory_gbps (--memory-gbps) must be above 0"),
+    (["--expert-bytes", "0", "--prefetch", "oracle"], "expert_bytes (--expert-bytes) must be above 0"),
+    (["--prefetch", "oracle", "--lookahead", "0"], "lookahead must be 1 layer or more"),
+    (["--prefetch", "oracle", "--lookahead", "-1"], "lookahead must be 1 layer or more"),
+    (["--capacity", ","], "--capacity takes integers of at least 1"),
+    (["--capacity", "1"], "capacity must be between 2 (the top-k"),
+])
+def test_simulate_refuses_what_cannot_be_simulated(tmp_path, capsys, args, message):
+    """A division by zero, a negative time, a lookahead that reads the last token's routing (-1) or an empty
+    table before: now one line and exit 2."""
+    from moedeploy.trace import write_trace
+
+    path = tmp_path / "t.parquet"
+    write_trace(trace_of(np.random.default_rng(0).integers(0, 8, size=(30, 2, 2)), 8), path)
+    assert main(["simulate", "--trace", str(path), "--capacity", "4", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err

@@ -110,14 +110,14 @@ def run(args) -> int:
     if bad:
         raise SystemExit(f"bench decode: --gguf takes NAME=FILE (a name for the table, then the GGUF), got {bad[0]!r}")
     ggufs = dict(g.split("=", 1) for g in args.gguf or [])
-    missing = [f for f in ggufs.values() if not Path(f).is_file()]
-    if missing:
-        raise SystemExit(f"bench decode: --gguf {missing[0]} is not a file")
     llama_cpp = Path(args.llama_cpp) if args.llama_cpp else None
     binary = llama_cpp / "build" / "bin" / "llama-bench" if llama_cpp else None
     if ggufs and not (binary and binary.is_file()):
         raise SystemExit("bench decode: --gguf needs --llama-cpp DIR, a llama.cpp checkout with build/bin/llama-bench "
                          "(cmake -B build && cmake --build build --target llama-bench)")
+    missing = [f for f in ggufs.values() if not Path(f).is_file()]
+    if missing:
+        raise SystemExit(f"bench decode: --gguf {missing[0]} is not a file")
     log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr))
     bandwidth = {n: read_bandwidth(n) for n in threads}
     log("read bandwidth: " + ", ".join(f"{n} thread(s) {b / 1e9:.1f} GB/s" for n, b in bandwidth.items()))

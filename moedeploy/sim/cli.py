@@ -25,7 +25,8 @@ def cmd_simulate(args) -> int:
         trace = domains[args.domain]
     cost = replace(CostModel(), **{k: v for k, v in (("expert_bytes", args.expert_bytes), ("link_gbps", args.link_gbps),
                                                        ("memory_gbps", args.memory_gbps)) if v is not None})
-    capacities = int_list("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16", "--capacity")
+    capacities = int_list("8,16,32" if args.sweep and args.capacity is None else args.capacity or "16", "--capacity",
+                          low=1)
     if args.prefetch != "none":
         return _simulate_prefetch(args, trace, capacities, cost)
     policies = SWEEP_POLICIES if args.sweep else (args.policy,)
@@ -101,12 +102,16 @@ def _simulate_prefetch(args, trace, capacities: list[int], cost) -> int:
           f"{args.prefetch} (predictor {args.predictor or 'online only'}); ratios are to Belady without prefetch")
     print(f"width {cfg.width}, threshold {cfg.threshold}, lookahead {cfg.score.lookahead}"
           + "".join(f"; {n}" for n in notes))
-    print(f"{'evict':9s} {'capacity':>8s} {'stalls':>7s} {'belady':>7s} {'stall x':>7s} {'prefetch':>9s} {'useful':>7s} "
-          f"{'GB moved':>9s} {'bytes x':>7s} {'ms/token':>9s} {'(all resident)':>15s}")
+    print("stalls: demand misses and useful prefetches still copying when their layer ran (late); stall time: "
+          "seconds layers waited for copies, against Belady's (one whole copy per miss)")
+    print(f"{'evict':9s} {'capacity':>8s} {'misses':>7s} {'belady':>7s} {'late':>8s} {'stalls x':>8s} {'time x':>7s} "
+          f"{'prefetch':>9s} {'useful':>7s} {'GB moved':>9s} {'bytes x':>7s} {'ms/token':>9s} {'(all resident)':>15s}")
     for r in results:
-        print(f"{r.policy:9s} {r.capacity:8d} {r.miss_rate:7.3f} {r.belady_misses / (r.hits + r.misses):7.3f} "
-              f"{r.stall_ratio:7.2f} {r.prefetched:9d} {r.prefetch_hits:7d} {r.bytes_moved / 1e9:9.1f} "
-              f"{r.bytes_ratio:7.2f} {r.seconds_per_token * 1e3:9.2f} {r.all_resident_seconds_per_token * 1e3:15.2f}")
+        accesses = r.hits + r.misses
+        print(f"{r.policy:9s} {r.capacity:8d} {r.miss_rate:7.3f} {r.belady_misses / accesses:7.3f} "
+              f"{r.late_prefetch_hits:8d} {r.stall_ratio:8.2f} {r.stall_time_ratio:7.2f} {r.prefetched:9d} "
+              f"{r.prefetch_hits:7d} {r.bytes_moved / 1e9:9.1f} {r.bytes_ratio:7.2f} {r.seconds_per_token * 1e3:9.2f} "
+              f"{r.all_resident_seconds_per_token * 1e3:15.2f}")
     return 0
 
 

@@ -30,7 +30,7 @@ from ..cache.pool import SlotPool
 from ..errors import OptionError
 from ..predict.history import HistoryPredictor, ScoreConfig, onehot, scores
 from ..trace.schema import Trace
-from .replay import CostModel, replay
+from .replay import CostModel, check_capacity, needed_experts, replay
 from .timeline import Timeline
 
 EVICTIONS = ("lru", "predicted")
@@ -69,13 +69,15 @@ class PrefetchResult:
     capacity: int
     tokens: int
     hits: int
-    misses: int  # demand misses: stalls
+    misses: int  # demand misses
     miss_rate: float
     prefetched: int
     prefetch_hits: int  # useful prefetches
     bytes_moved: int  # demand misses and prefetches
     belady_misses: int  # Belady without prefetch, same capacity
-    stall_ratio: float  # misses / belady_misses
+    stalls: int  # layer waits for a copy: demand misses, and useful prefetches not landed when their layer ran
+    stall_ratio: float  # stalls / belady_misses
+    stall_time_ratio: float  # time layers waited for copies / Belady's (each of its misses waits one whole copy)
     bytes_ratio: float  # bytes_moved / Belady's
     seconds_per_token: float  # timeline.py
     late_prefetch_hits: int  # useful prefetches the layer still waited for (the copy was not done)
@@ -125,8 +127,9 @@ def replay_prefetch(trace: Trace, capacity: int, predictor: HistoryPredictor | N
     experts = trace.experts.astype(np.int64)  # [N, L, K]
     N, L, _ = experts.shape
     d = cfg.score.lookahead
-    if not 1 <= capacity <= E:
-        raise OptionError(f"capacity must be between 1 and {E} experts per layer, got {capacity}")
+    check_capacity(capacity, trace)
+    if d < 1:
+        raise OptionError(f"lookahead must be 1 layer or more, got {d}")
     if cfg.evict not in EVICTIONS:
         raise OptionError(f"unknown eviction {cfg.evict!r} with prefetching; choose one of: {', '.join(EVICTIONS)}")
     if cfg.width < 0:
@@ -138,7 +141,7 @@ def replay_prefetch(trace: Trace, capacity: int, predictor: HistoryPredictor | N
     R = recency(experts, E, cfg.evict_decay) if cfg.evict == "predicted" else None  # [N, L, E]
     policies = [Predicted(E) if cfg.evict == "predicted" else make_policy("lru") for _ in range(L)]
     pools = [SlotPool(capacity, p, None, expert_bytes=cost.expert_bytes) for p in policies]
-    needed = [[list(dict.fromkeys(e for e in row.tolist() if e < E)) for row in experts[:, l]] for l in range(L)]
+    needed = needed_experts(experts, E)
     clock = Timeline(cost)
     for g in range(N * L):
         t, l = divmod(g, L)
@@ -167,7 +170,9 @@ def _result(pools: list[SlotPool], clock: Timeline, cfg: PrefetchConfig, capacit
     return PrefetchResult(
         policy=cfg.evict, capacity=capacity, tokens=N, hits=hits, misses=misses, miss_rate=misses / max(accesses, 1),
         prefetched=sum(s.prefetched for s in stats), prefetch_hits=sum(s.prefetch_hits for s in stats),
-        bytes_moved=moved, belady_misses=belady_misses, stall_ratio=misses / max(belady_misses, 1),
+        bytes_moved=moved, belady_misses=belady_misses, stalls=misses + clock.late,
+        stall_ratio=(misses + clock.late) / max(belady_misses, 1),
+        stall_time_ratio=clock.waited / max(belady_misses * clock.copy_s, 1e-30),
         bytes_ratio=moved / max(belady_misses * cost.expert_bytes, 1), seconds_per_token=clock.now / max(N, 1),
         late_prefetch_hits=clock.late, all_resident_seconds_per_token=cost.seconds(accesses, 0) / max(N, 1),
         width=cfg.width, threshold=cfg.threshold, lookahead=cfg.score.lookahead)

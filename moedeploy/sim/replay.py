@@ -31,6 +31,12 @@ class CostModel:
     link_gbps: float = 25.0  # host -> device, GB/s (PCIe 4.0 x16 in practice)
     memory_gbps: float = 2000.0  # device memory, GB/s (HBM)
 
+    def __post_init__(self):
+        for name in ("expert_bytes", "link_gbps", "memory_gbps"):
+            if not getattr(self, name) > 0:
+                raise OptionError(f"the cost model's {name} (--{name.replace('_', '-')}) must be above 0, got "
+                                  f"{getattr(self, name)}")
+
     def seconds(self, hits: int, misses: int) -> float:
         return misses * self.expert_bytes / (self.link_gbps * 1e9) + \
             (hits + misses) * self.expert_bytes / (self.memory_gbps * 1e9)
@@ -52,27 +58,39 @@ class SimResult:
         return asdict(self)
 
 
-def _future(experts: np.ndarray) -> dict[tuple[int, int], list[int]]:
-    """(layer, expert) -> the 1-based token steps at which it is needed. experts [N, L, K]."""
-    N, L, K = experts.shape
-    future = {}
-    for layer in range(L):
-        for e in np.unique(experts[:, layer]):
-            steps = np.nonzero((experts[:, layer] == e).any(axis=1))[0] + 1
-            future[(layer, int(e))] = steps.tolist()
+def needed_experts(experts: np.ndarray, num_experts: int) -> list[list[list[int]]]:
+    """Per layer, per token: the distinct experts it uses, in routing order. experts [N, L, K]; an id of
+    num_experts or more is a dropped pair (capacity gating), which needs no expert."""
+    return [[list(dict.fromkeys(e for e in row.tolist() if e < num_experts)) for row in experts[:, layer]]
+            for layer in range(experts.shape[1])]
+
+
+def check_capacity(capacity: int, trace: Trace) -> None:
+    """At least the top-k (a token's experts must fit at once), at most every expert of a layer."""
+    E, K = trace.meta.num_experts, trace.meta.top_k
+    if not min(K, E) <= capacity <= E:
+        raise OptionError(f"capacity must be between {min(K, E)} (the top-k: a token's experts at once) and {E} "
+                          f"experts per layer, got {capacity}")
+
+
+def _future(needs: list[list[list[int]]]) -> dict[tuple[int, int], list[int]]:
+    """(layer, expert) -> the 1-based token steps at which it is needed. needs: `needed_experts(...)`."""
+    future: dict[tuple[int, int], list[int]] = {}
+    for layer, tokens in enumerate(needs):
+        for t, experts in enumerate(tokens):
+            for e in experts:
+                future.setdefault((layer, e), []).append(t + 1)
     return future
 
 
 def replay(trace: Trace, policy: str, capacity: int, cost: CostModel = CostModel(), progress: bool = False) -> SimResult:
-    E = trace.meta.num_experts
-    if not 1 <= capacity <= E:
-        raise OptionError(f"capacity must be between 1 and {E} experts per layer, got {capacity}")
+    check_capacity(capacity, trace)
     experts = trace.experts.astype(np.int64)  # [N, L, K]
-    N, L, K = experts.shape
-    future = _future(experts) if policy == "belady" else None
-    pools = [SlotPool(capacity, Belady(future) if future else make_policy(policy), None,
+    N, L, _ = experts.shape
+    needed = needed_experts(experts, trace.meta.num_experts)  # unique, ordered, drops left out
+    future = _future(needed) if policy == "belady" else None
+    pools = [SlotPool(capacity, Belady(future) if future is not None else make_policy(policy), None,
                       expert_bytes=cost.expert_bytes) for _ in range(L)]
-    needed = [[list(dict.fromkeys(row.tolist())) for row in experts[:, layer]] for layer in range(L)]  # unique, ordered
     for t in tqdm(range(N), desc=f"simulate {policy} @ {capacity}", unit="tok", disable=None if progress else True, leave=False):
         for layer, pool in enumerate(pools):
             pool.acquire([(layer, e) for e in needed[layer][t]])

@@ -29,6 +29,7 @@ class Timeline:
         self.link_free = 0.0  # when the link finishes its queue
         self.ready: dict = {}  # key -> when its copy lands
         self.late = 0
+        self.waited = 0.0  # seconds layers spent waiting for copies (demand misses and late prefetches)
 
     def _copy(self, keys, start: float) -> None:
         for key in keys:
@@ -43,6 +44,7 @@ class Timeline:
         self._copy(missing, self.now)
         self.late += len(late)
         self.start = max([self.now] + [self.ready.get(k, 0.0) for k in keys])
+        self.waited += self.start - self.now
         self.now = self.start + len(keys) * self.read_s
 
     def prefetch(self, pool: SlotPool, keys: list) -> None:
