@@ -92,7 +92,8 @@ class Runtime:
         total = {key: sum(d[key] for d in per_pool) for key in per_pool[0] if key != "miss_rate"}
         total["miss_rate"] = total["misses"] / max(total["hits"] + total["misses"], 1)
         series = resident_over_time([pool.stats for pool in self.pools])
-        total["peak_resident_bytes"] = max((b for _, b in series), default=0)
+        total["peak_resident_bytes"] = max((b for _, b in series), default=0)  # of the pools together (each pool's
+        # own peak is exact; after SERIES_CAP acquires per pool, their sum is sampled)
         total["resident_bytes_over_time"] = downsample(series, SERIES_POINTS)  # [seconds, bytes]
         total["slots"] = sum(pool.num_slots for pool in self.pools)
         total["budget_bytes"] = self.options.cache.budget_bytes

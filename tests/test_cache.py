@@ -52,10 +52,26 @@ def test_every_budget_is_bit_identical(tiny, family, policy):
         stats = model.moedeploy.cache_stats()
         budget_bytes = stats["budget_bytes"]
         for pool in model.moedeploy.pools:
-            assert max(pool.stats.resident_bytes) <= budget_bytes // len(model.moedeploy.pools)
+            assert pool.stats.peak_resident_bytes <= budget_bytes // len(model.moedeploy.pools)
         if budget == smallest:
             assert stats["slots"] == len(model.moedeploy.layers) and stats["streamed_calls"] > 0
 
+
+
+def test_a_budget_that_changes_the_kernel_keeps_the_bits(tiny):
+    """"auto" picks the loop or grouped_mm by the plan's experts, and under a budget the plan is over the pool's
+    slots: a decode step of GPT-OSS (biased experts, 64 of them) takes the loop resident and grouped_mm
+    buffered. The two compute in the same steps (biases after the products, the activation over all rows), so
+    the logits stay bit-identical (they differed in the last bits before)."""
+    path = tiny("gpt_oss", num_local_experts=64)
+    resident = moedeploy.load(path, dtype="float32")
+    for budget in (0.1, 0.25):
+        model = moedeploy.load(path, dtype="float32", expert_memory=budget)
+        for shape in ((1, 1), (1, 3), (4, 1)):
+            ids = torch.randint(3, 200, shape, generator=torch.Generator().manual_seed(1))
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                assert torch.equal(model(ids).logits, resident(ids).logits), (budget, shape)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -82,7 +98,7 @@ def test_global_pool_is_bit_identical_and_within_budget(tiny):
     got = run(model, "mixtral", ids)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     (pool,) = model.moedeploy.pools
-    assert max(pool.stats.resident_bytes) <= model.moedeploy.options.cache.budget_bytes
+    assert pool.stats.peak_resident_bytes <= model.moedeploy.options.cache.budget_bytes
     assert pool.stats.hits > 0 and pool.stats.misses > 0 and pool.stats.bytes_moved == pool.stats.misses * pool.expert_bytes
 
 
@@ -257,7 +273,7 @@ def test_pinned_experts_from_a_profile_stay_resident_and_outputs_stay_identical(
     assert stats["pinned"] == 4 * len(model.moedeploy.pools) and stats["streamed_calls"] > 0
     for pool in model.moedeploy.pools:
         assert pool.pinned <= set(pool.slot_of)  # never evicted, even while experts streamed through
-        assert max(pool.stats.resident_bytes) <= stats["budget_bytes"] // len(model.moedeploy.pools)
+        assert pool.stats.peak_resident_bytes <= stats["budget_bytes"] // len(model.moedeploy.pools)
         pool.reset()
         assert pool.pinned <= set(pool.slot_of) and len(pool.slot_of) == len(pool.pinned)
 
@@ -556,3 +572,21 @@ def test_the_disk_store_reads_misses_straight_into_the_slots(tiny, family, fused
             assert store.read_into(e, views) == expect, (dtype, e)
             if expect:
                 assert all(torch.equal(v, t) for v, t in zip(views, store.read(e), strict=True))
+
+
+def test_a_long_run_keeps_a_bounded_resident_series_and_an_exact_peak():
+    """A pool records its resident bytes at every acquire; a server runs for days, so the series thins itself
+    out past SERIES_CAP points (every 2nd acquire, then every 4th...) instead of growing without end, and the
+    peak and the count stay exact."""
+    from moedeploy.cache.pool import SERIES_CAP, SlotPool
+
+    pool = SlotPool(4, make_policy("lru"), None, expert_bytes=10)
+    rng = np.random.default_rng(0)
+    n = 5 * SERIES_CAP
+    for _ in range(n):
+        pool.acquire([(0, int(e)) for e in rng.choice(16, 2, replace=False)])
+    stats = pool.stats
+    assert stats.acquires == n and stats.peak_resident_bytes == 40
+    assert SERIES_CAP // 2 <= len(stats.resident_bytes) == len(stats.resident_at) < SERIES_CAP
+    assert stats.resident_at == sorted(stats.resident_at)
+    assert stats.as_dict()["acquires"] == n and "resident_bytes" not in stats.as_dict()

@@ -26,6 +26,8 @@ from ..experts import ExpertBank
 from .policies import Key, Policy
 from .transfer import transfers_for
 
+SERIES_CAP = 4096  # points of a pool's resident-bytes series (CacheStats.record)
+
 
 @dataclass
 class CacheStats:
@@ -37,16 +39,30 @@ class CacheStats:
     stall_s: float = 0.0  # time spent copying experts in on demand, on the critical path
     prefetch_s: float = 0.0  # time spent copying prefetched experts (off the critical path)
     streamed_calls: int = 0  # layer calls that needed more experts than the pool has slots
-    resident_bytes: list[int] = field(default_factory=list)  # after every acquire
+    acquires: int = 0
+    peak_resident_bytes: int = 0
+    resident_bytes: list[int] = field(default_factory=list)  # after every `stride`-th acquire (at most SERIES_CAP)
     resident_at: list[float] = field(default_factory=list)  # time.perf_counter() of each of those acquires
+    stride: int = 1
+
+    def record(self, resident: int, now: float) -> None:
+        """One acquire's resident bytes. The series keeps every acquire until SERIES_CAP points, then every
+        2nd, 4th, ...: a server that runs for days keeps a bounded series, and the peak stays exact."""
+        self.acquires += 1
+        self.peak_resident_bytes = max(self.peak_resident_bytes, resident)
+        if self.acquires % self.stride:
+            return
+        self.resident_bytes.append(resident)
+        self.resident_at.append(now)
+        if len(self.resident_bytes) >= SERIES_CAP:
+            del self.resident_bytes[1::2], self.resident_at[1::2]
+            self.stride *= 2
 
     def as_dict(self) -> dict:
         d = asdict(self)
         d["miss_rate"] = self.misses / max(self.hits + self.misses, 1)
-        d["peak_resident_bytes"] = max(self.resident_bytes, default=0)
-        d["resident_bytes"] = len(self.resident_bytes)  # the series is long: report its length only
-        d["acquires"] = d.pop("resident_bytes")
-        del d["resident_at"]
+        for series in ("resident_bytes", "resident_at", "stride"):  # long, or bookkeeping: left out
+            del d[series]
         return d
 
 
@@ -133,8 +149,7 @@ class SlotPool:
                 except BaseException:
                     self._forget({slot})  # half written: never a hit
                     raise
-        self.stats.resident_bytes.append(len(self.slot_of) * self.expert_bytes)
-        self.stats.resident_at.append(time.perf_counter())
+        self.stats.record(len(self.slot_of) * self.expert_bytes, time.perf_counter())
         return [self.slot_of[k] for k in keys]
 
     def prefetch(self, keys: list[Key]) -> None:

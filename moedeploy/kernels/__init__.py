@@ -17,8 +17,9 @@ and returns y_sorted [P, D] (rows of dropped pairs are left unspecified; `combin
   rows with the same matrix multiplies (docs/benchmarks.md: 3.8x faster at one token, 512 experts).
   Steps of at most COMPILED_ROWS pairs (decoding) go to "compiled" instead where its kernel applies and
   the experts are large (compiled.worth_compiling: 1 MiB and more): it reads weights faster than the
-  loop's GEMVs. The rule counts rows, not experts, so a layer under a budget (a plan over the pool's
-  slots) picks the same kernel as the resident layer for the same step, and stays bit-identical.
+  loop's GEMVs. Under a budget the plan is over the pool's slots, so the same step may take the loop
+  resident and grouped_mm buffered: the two give the same bits (the loop adds biases after its matrix
+  multiplies, as grouped_mm does), so the layer stays bit-identical either way.
 
 `select(name, bank)` resolves the name once, when a layer is built ("auto" becomes "loop" where
 grouped_mm does not apply); tests override it by name.
