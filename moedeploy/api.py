@@ -203,8 +203,8 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     trained predictor (`predictor`) scores every MoE layer from the step's tokens in its own thread, and the
     step's predicted experts are copied in, layer by layer, while the first layers compute (predict/ahead.py).
     routing: "exact" (default: the router decides; a prefetch never changes a result), "resident" (under
-    a budget, each token's top-k is chosen among the experts resident when its layer runs: no layer waits
-    for a copy) or "predicted" (SiDA's: the predictor's top-k replaces the router's choice, weighted by the
+    a budget, with prefetch="sida", each token's top-k is chosen among the experts resident when its layer
+    runs: no layer waits for a copy) or "predicted" (SiDA's: the predictor's top-k replaces the router's choice, weighted by the
     router's scores over them). The last two are approximate: `model.moedeploy.stats()` reports how often
     and by how much they departed from the router.
     predictor: a SiDA predictor file trained for this model (`moedeploy predict train`), for
@@ -241,6 +241,9 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
         raise OptionError(f"unknown routing {routing!r}; choose one of: {', '.join(ROUTING_MODES)}")
     if predictor is not None and prefetch != "sida" and routing != "predicted":
         raise OptionError("predictor applies to prefetch='sida' or routing='predicted'")
+    if routing == "resident" and expert_memory is not None and prefetch != "sida":
+        raise OptionError("routing='resident' chooses among the experts SiDA's predictor fetched; under a budget it "
+                          "needs prefetch='sida' (without it nothing fills the slots and every pair is dropped)")
     if routing != "exact" and (gating != "dynamic" or current_group() is not None):
         raise OptionError(f"routing={routing!r} runs with dynamic gating in one process; leave it out or use "
                           "routing='exact'")

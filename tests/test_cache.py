@@ -281,6 +281,7 @@ def test_pinned_experts_from_a_profile_stay_resident_and_outputs_stay_identical(
 @pytest.mark.parametrize("options,message", [
     (dict(pin_fraction=1.0), "below 1"),
     (dict(pin_fraction=-0.1), "at least 0"),
+    (dict(pin_fraction="0.5"), "must be a number"),  # a TypeError inside the comparison before
 ])
 def test_bad_pin_fractions(tmp_path, options, message):
     profile = _profile(moedeploy.load(), torch.arange(3, 20).view(1, -1), tmp_path / "p.parquet")

@@ -141,6 +141,8 @@ def test_restrict_keeps_the_rules_weights_over_what_is_allowed():
     (dict(routing="guessed"), "unknown routing 'guessed'"),
     (dict(predictor=str(DEMO_PREDICTOR)), "predictor applies to prefetch='sida' or routing='predicted'"),
     (dict(routing="resident", gating="static"), "runs with dynamic gating"),
+    (dict(routing="resident", expert_memory=0.5), "needs prefetch='sida'"),  # nothing would fill the slots
+    (dict(routing="resident", expert_memory=0.5, prefetch="lookahead"), "needs prefetch='sida'"),
 ])
 def test_bad_routing_options_are_refused(options, message):
     with pytest.raises(OptionError, match=message):

@@ -32,8 +32,9 @@ def profile_load(path: str | Path, layer_names: list[str], num_experts: int) -> 
 def hottest(load: np.ndarray, layers: list[int], slots: int, fraction: float) -> list[Key]:
     """The int(fraction * slots) hottest (layer, expert) keys among `layers` of load [L, E], hottest first,
     at most slots - 1 (one slot stays free for everything else)."""
-    if not 0 <= fraction < 1:
-        raise OptionError(f"pin fraction must be at least 0 and below 1 (a share of each pool's slots), got {fraction}")
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
+        raise OptionError(f"pin fraction must be a number at least 0 and below 1 (a share of each pool's slots), "
+                          f"got {fraction!r}")
     count = min(int(fraction * slots), slots - 1)
     keys = [(layer, e) for layer in layers for e in range(load.shape[1])]
     keys.sort(key=lambda k: -load[k])
