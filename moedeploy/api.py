@@ -204,9 +204,9 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     step's predicted experts are copied in, layer by layer, while the first layers compute (predict/ahead.py).
     routing: "exact" (default: the router decides; a prefetch never changes a result), "resident" (under
     a budget, with prefetch="sida", each token's top-k is chosen among the experts resident when its layer
-    runs: no layer waits for a copy) or "predicted" (SiDA's: the predictor's top-k replaces the router's choice, weighted by the
-    router's scores over them). The last two are approximate: `model.moedeploy.stats()` reports how often
-    and by how much they departed from the router.
+    runs: no layer waits for a copy) or "predicted" (SiDA's: the predictor's top-k replaces the router's choice,
+    weighted by the router's scores over them). The last two are approximate: `model.moedeploy.stats()`
+    reports how often and by how much they departed from the router.
     predictor: a SiDA predictor file trained for this model (`moedeploy predict train`), for
     prefetch="sida" or routing="predicted"; the demo model's own ships and is the default there.
     placement: in an expert-parallel run (`moedeploy.parallel.init` called in every process torchrun

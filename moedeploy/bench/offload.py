@@ -243,7 +243,8 @@ def bench(args, progress=print) -> tuple[list[Row], float | None]:
         own = cfg.expert_dtype if cfg.kind in ("resident", "moedeploy") else None
         cache = r["cache"]
         rows.append(Row(config=cfg.name, budget=cfg.budget, decode_tokens_per_s=round(r["rate"], 2),
-                        ratio_to_resident=round(r["rate"] / base[own], 3), identical=r["tokens"] == resident[own]["tokens"],
+                        ratio_to_resident=round(r["rate"] / base[own], 3),
+                        identical=r["tokens"] == resident[own]["tokens"],
                         peak_anon_mb=round(r["peak_anon"] / 2**20, 1), peak_rss_mb=round(r["peak_rss"] / 2**20, 1),
                         load_s=round(r["load_s"], 2),
                         miss_rate=cache and round(cache["misses"] / max(cache["hits"] + cache["misses"], 1), 4),

@@ -8,14 +8,15 @@ the whole step's predicted experts go to the cache ahead of need (Du et al., MLS
         waits when the routing depends on it) sends layers i..L-1 to their pools' prefetch queues, in
         layer order, and marks them `ahead` (not evicted for an earlier layer of this step)
 
-A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's
-state follows the model's KV cache: a forward without a cache, or with an empty one, starts new
-sequences; a forward that continues a cache continues the state (a decoded token takes SidaNet.step,
-the fast path), with beam search's row reorders; a cache that went back (assisted or prompt-lookup decoding
-crops it) cannot be followed: routing that reads the prediction refuses it, a prefetch starts over. In the engine's packed steps (engine/runner.py) each request's chunk continues that
-request's own state, the running requests' decode tokens in one batched step, and the states of ended
-requests are dropped; with `queued` (CUDA) the engine hands the prompts admitted next over between steps
-(`prepare`), and their prefill chunks take the prediction made while other requests ran.
+A prefetch never changes a result (routing="exact"): it only decides what is resident. The predictor's state
+follows the model's KV cache: a forward without a cache, or with an empty one, starts new sequences; a forward
+that continues a cache continues the state (a decoded token takes SidaNet.step, the fast path), with beam
+search's row reorders; a cache that went back (assisted or prompt-lookup decoding crops it) cannot be
+followed: routing that reads the prediction refuses it, a prefetch starts over. In the engine's packed steps
+(engine/runner.py) each request's chunk continues that request's own state, the running requests' decode
+tokens in one batched step, and the states of ended requests are dropped; with `queued` (CUDA) the engine
+hands the prompts admitted next over between steps (`prepare`), and their prefill chunks take the prediction
+made while other requests ran.
 
 On CUDA the thread works on its own stream; it brings the ranking to the host itself, so the model's
 thread never syncs for it.

@@ -82,8 +82,9 @@ def _refuse_others(args, mode: str) -> None:
     other = args.trace_only if mode == "--text" else args.text_only
     given = ["--" + dest.replace("_", "-") for dest, default in other.items() if getattr(args, dest) != default]
     if given:
+        other_mode = "--trace" if mode == "--text" else "--text"
         raise MoeDeployError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply with {mode}; "
-                             f"{'they are' if len(given) > 1 else 'it is'} for {'--trace' if mode == '--text' else '--text'}")
+                             f"{'they are' if len(given) > 1 else 'it is'} for {other_mode}")
 
 
 # -- text: SiDA -----------------------------------------------------------------------------------------------
