@@ -56,7 +56,8 @@ class Runtime:
 
     def routing_stats(self) -> dict:
         """The routing mode and, when it is not exact, how far it departed from the router: the share of the
-        router's pairs not chosen, and the router's weight on them per token (0 = no departure)."""
+        router's pairs not chosen, and the router's weight on them per token and MoE layer (0 = no departure;
+        times the MoE layers for a token's whole departed weight)."""
         out = {"routing": self.routing}
         if self.routing != "exact":
             routed = sum(layer.routed_pairs for layer in self.layers.values())
