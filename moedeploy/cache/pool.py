@@ -129,9 +129,9 @@ class SlotPool:
         self._now += 1
         self.policy.tick(self._now)
         needed = set(keys)
-        came = {key[0] for key in keys}
-        self.ahead = {k for k in self.ahead if k[0] not in came}  # their layer has come: what it did not use is no
-        # longer ahead of need (nor, in a later step, protected for a prediction that is over)
+        if self.ahead:  # their layer has come: what it did not use is no longer ahead of need (nor, in a later
+            came = {key[0] for key in keys}  # step, protected for a prediction that is over)
+            self.ahead = {k for k in self.ahead if k[0] not in came}
         for key in keys:
             if key in self.slot_of:
                 self.stats.hits += 1
