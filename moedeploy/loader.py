@@ -71,6 +71,8 @@ def _read_router(ckpt: Checkpoint, family: Family, config, block: nn.Module, pre
     if tuple(weight.shape) != (E, D):
         raise CheckpointError(f"router tensor {name} has shape {tuple(weight.shape)}, expected {(E, D)} from config.json")
     bias_name = _first_present(ckpt, prefix, family.router_bias_names)
+    if bias_name is None and family.router_bias_required:
+        raise CheckpointError(f"{ckpt.root}: router bias of {prefix} is missing (looked for {family.router_bias_names})")
     bias = None if bias_name is None else ckpt.read(bias_name, dtype, copy=True)
     correction = None
     if family.correction_bias_names:
@@ -86,6 +88,8 @@ def _expert_store(ckpt: Checkpoint, family: Family, config, block: nn.Module, pr
     if layout is None:
         raise CheckpointError(f"{ckpt.root}: no expert tensors found under {prefix} in any known layout")
     D, I = family.dims(block)
+    if getattr(ckpt, "fmt", None) is None:  # a pre-quantized checkpoint's shapes are its format's (quant/ondisk.py)
+        layout.check(ckpt, prefix, E, D, I)
     return DiskStore(ckpt, layout, prefix, E, D, I, family.activation(config, block))
 
 

@@ -88,6 +88,33 @@ def test_wrongly_shaped_fused_expert_tensor(copy_of):
         moedeploy.load(path)
 
 
+@pytest.mark.parametrize("store", ["host", "disk"])
+def test_a_gap_in_the_experts_is_refused_at_load_by_every_store(copy_of, store):
+    """A missing expert, or a fused tensor with one expert more than config.json: refused when the model loads,
+    from the files' headers. The disk store read experts only when routed to, so it loaded, and a missing
+    expert failed mid-run (or never); the extra expert shifted every fused expert's weights, silently."""
+    path = copy_of()
+    rewrite(path, lambda t: [t.pop(k) for k in list(t) if ".layers.1.block_sparse_moe.experts.5." in k])
+    with pytest.raises(CheckpointError, match=r"experts\.5\..* is missing"):
+        moedeploy.load(path, expert_memory=0.5, expert_store=store)
+    fused = copy_of("gpt_oss")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    rewrite(fused, lambda t: t.__setitem__(name, torch.cat([t[name][:1], t[name]])))
+    with pytest.raises(CheckpointError, match="gate_up_proj has shape"):
+        moedeploy.load(fused, expert_memory=0.5, expert_store=store)
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.router.bias", "model.layers.0.mlp.experts.gate_up_proj_bias",
+                                  "model.layers.0.mlp.experts.down_proj_bias"])
+def test_gpt_oss_without_a_bias_is_refused(copy_of, name):
+    """GPT-OSS's router and experts always have biases (transformers reports them missing); moedeploy loaded
+    without them, and its outputs moved by up to 0.3."""
+    path = copy_of("gpt_oss")
+    rewrite(path, lambda t: t.pop(name))
+    with pytest.raises(CheckpointError, match="is missing"):
+        moedeploy.load(path)
+
+
 def test_wrongly_shaped_router(copy_of):
     path = copy_of()
     name = "model.layers.0.block_sparse_moe.gate.weight"

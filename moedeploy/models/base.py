@@ -36,6 +36,7 @@ class Family:
     logits_dtype = None  # dtype the router computes logits in; None = the hidden states' dtype
     router_weight_names = ROUTER_WEIGHT
     router_bias_names = ROUTER_BIAS
+    router_bias_required = False  # the family's router always has a bias (GPT-OSS): a missing one is an error
     correction_bias_names: tuple[str, ...] = ()
 
     def is_block(self, module: nn.Module) -> bool:

@@ -22,7 +22,8 @@ class GptOss(Family):
     name = "gpt_oss"
     model_types = ("gpt_oss",)
     layouts = (Fused(gate_up="experts.gate_up_proj", down="experts.down_proj", gate_up_bias="experts.gate_up_proj_bias",
-                     down_bias="experts.down_proj_bias", transposed=True, interleaved=True),)
+                     down_bias="experts.down_proj_bias", transposed=True, interleaved=True, biases_required=True),)
+    router_bias_required = True
     layer_class = GptOssLayer
 
     def rule(self, config, block):

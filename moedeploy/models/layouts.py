@@ -36,6 +36,15 @@ class Piece:
     index: int | None  # along its first axis (a fused tensor), or None (the whole tensor)
 
 
+def _check_header(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> None:
+    """`name` is in the checkpoint with the shape config.json implies: from the file's header, no data read."""
+    if name not in ckpt:
+        raise CheckpointError(f"{ckpt.root}: expert tensor {name!r} is missing")
+    shape = tuple(ckpt.shape(name))
+    if shape != expected:
+        raise CheckpointError(f"expert tensor {name} has shape {shape}, expected {expected} from config.json")
+
+
 def _check(name: str, t: Tensor, expected: tuple[int, ...]) -> Tensor:
     if tuple(t.shape) != expected:
         raise CheckpointError(f"expert tensor {name} has shape {tuple(t.shape)}, expected {expected} from config.json")
@@ -69,6 +78,16 @@ class PerExpert:
             b_out=None if self.down_bias is None else get(self.down_bias, (D,)),
         )
 
+    def check(self, ckpt: Checkpoint, prefix: str, E: int, D: int, I: int) -> None:
+        """Every expert's tensors are there with their shapes (headers only): a disk store reads experts only
+        when they are routed to, so a gap would surface mid-run, or never."""
+        shapes = ((self.gate, (I, D)), (self.up, (I, D)), (self.down, (D, I)), (self.up_bias, (I,)),
+                  (self.down_bias, (D,)))
+        for e in range(E):
+            for template, shape in shapes:
+                if template is not None:
+                    _check_header(ckpt, f"{prefix}.{template.format(e=e)}", shape)
+
     def pieces(self, ckpt: Checkpoint, prefix: str, e: int, I: int) -> list[Piece] | None:
         """`read`'s tensors as stored, for a read straight into a slot; None where one is missing (`read` says)."""
         whole = slice(None)
@@ -89,9 +108,19 @@ class Fused:
     down_bias: str | None = None  # [E, D]
     transposed: bool = False
     interleaved: bool = False  # gate/up rows alternate (GPT-OSS) instead of gate block then up block
+    biases_required: bool = False  # the family's experts always have biases (GPT-OSS): a missing one is an error
 
     def present(self, ckpt: Checkpoint, prefix: str) -> bool:
         return f"{prefix}.{self.gate_up}" in ckpt
+
+    def check(self, ckpt: Checkpoint, prefix: str, E: int, D: int, I: int) -> None:
+        """The fused tensors hold exactly E experts of the shapes config.json implies (headers only); biases
+        where present."""
+        _check_header(ckpt, f"{prefix}.{self.gate_up}", (E, D, 2 * I) if self.transposed else (E, 2 * I, D))
+        _check_header(ckpt, f"{prefix}.{self.down}", (E, I, D) if self.transposed else (E, D, I))
+        for name, shape in ((self.gate_up_bias, (E, 2 * I)), (self.down_bias, (E, D))):
+            if name is not None and (self.biases_required or f"{prefix}.{name}" in ckpt):
+                _check_header(ckpt, f"{prefix}.{name}", shape)
 
     def read(self, ckpt: Checkpoint, prefix: str, e: int, D: int, I: int) -> ExpertTensors:
         def get(name, shape):
