@@ -63,10 +63,15 @@ def _disk_prefix(ckpt: Checkpoint, family: Family, path: str) -> str:
 
 
 def _read_router(ckpt: Checkpoint, family: Family, config, block: nn.Module, prefix: str, E: int, D: int,
-                 dtype: torch.dtype) -> Router:
+                 dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> Router:
+    """keep_fp32: the model class's names of weights transformers keeps in float32 whatever the dtype (its
+    `_keep_in_fp32_modules_strict`: DeepSeek's `gate.weight` since 5.24); a router among them, on a family that
+    computes its logits in float32, is read in float32 too, as transformers reads it."""
     name = _first_present(ckpt, prefix, family.router_weight_names)
     if name is None:
         raise CheckpointError(f"{ckpt.root}: router weight of {prefix} is missing (looked for {family.router_weight_names})")
+    if family.logits_dtype_for(config) == torch.float32 and any(name.endswith(f".{k}") for k in keep_fp32):
+        dtype = torch.float32
     weight = ckpt.read(name, dtype, copy=True)
     if tuple(weight.shape) != (E, D):
         raise CheckpointError(f"router tensor {name} has shape {tuple(weight.shape)}, expected {(E, D)} from config.json")
@@ -99,14 +104,15 @@ def _layer_store(ckpt: Checkpoint, family: Family, config, path: str, block: nn.
 
 
 def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.Module, opts: LoadOptions,
-                dtype: torch.dtype, index: int = 0, quantized: QuantizedDiskStore | None = None) -> MoELayer:
+                dtype: torch.dtype, index: int = 0, quantized: QuantizedDiskStore | None = None,
+                keep_fp32: tuple[str, ...] = ()) -> MoELayer:
     """MoE layer number `index` (model order) from its block. Under expert parallelism (opts.sharding)
     only this rank's slots are read. `quantized`: the layer's experts in moedeploy's quantized cache (the
     disk tier of quantized experts; quant/cache.py)."""
     prefix = _disk_prefix(ckpt, family, path)
     E = block.experts.num_experts
     D, _ = family.dims(block)
-    router = _read_router(ckpt, family, config, block, prefix, E, D, dtype)
+    router = _read_router(ckpt, family, config, block, prefix, E, D, dtype, keep_fp32)
     disk = source = _expert_store(ckpt, family, config, block, prefix, E)
     parallel = None
     if opts.sharding is not None:
@@ -238,12 +244,14 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if opts.quant is not None and opts.expert_store == "disk":  # quantized once into moedeploy's cache, then read
         quantized = QuantCache(ckpt.root, opts.quant, dtype).ensure(
             [(path, partial(_layer_store, ckpt, family, config, path, block)) for path, block in blocks])
+    keep_fp32 = tuple(getattr(type(model), "_keep_in_fp32_modules_strict", None) or ())  # transformers' (a private
+    # attribute; tests/test_families.py names it)
     for index, (path, block) in enumerate(tqdm(blocks, desc="moedeploy: loading MoE layers", unit="layer",
                                                disable=None, leave=False)):
         if not hasattr(router_module(block), "weight") and not hasattr(router_module(block), "classifier"):
             raise UnsupportedModelError(f"{path}: router {type(router_module(block)).__name__} has no weight")
         model.set_submodule(path, build_layer(ckpt, family, config, path, block, opts, dtype, index,
-                                              quantized=quantized[index]))
+                                              quantized=quantized[index], keep_fp32=keep_fp32))
     if given:  # its top-k, now that a router is built
         first = model.get_submodule(blocks[0][0])
         opts.sharding.placement.check_model(ModelShape(len(blocks), first.router.num_experts, first.router.top_k))

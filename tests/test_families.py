@@ -123,3 +123,20 @@ def test_fused_in_memory_names_on_disk(tiny, reference, family):
     ids, dec = inputs(seed=7)
     ours = moedeploy.load(path, dtype="float32")
     assert rel_err(logits(ours, family, ids, dec), logits(reference(path), family, ids, dec)) < 1e-5
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3", "glm4_moe"])
+def test_a_router_transformers_keeps_in_float32_is_read_in_float32(tiny, family):
+    """transformers keeps some routers in float32 whatever the model dtype (the model class's private
+    `_keep_in_fp32_modules_strict`: DeepSeek's and GLM-4-MoE's `gate.weight` since 5.24, not in 5.17).
+    moedeploy reads a router in the dtype transformers gives it, so in bfloat16 both route alike; a float32
+    router read in bfloat16 sent some tokens to other experts."""
+    import transformers as T
+
+    path = tiny(family)
+    theirs = T.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    gate = next(m for n, m in theirs.named_modules() if n.endswith("mlp.gate") and hasattr(m, "weight"))
+    ours = moedeploy.load(path, dtype="bfloat16")
+    router = next(iter(ours.moedeploy.layers.values())).router
+    assert router.weight.dtype == gate.weight.dtype
+    assert ("gate.weight" in (type(theirs)._keep_in_fp32_modules_strict or ())) == (gate.weight.dtype == torch.float32)
