@@ -36,18 +36,20 @@ class Piece:
     index: int | None  # along its first axis (a fused tensor), or None (the whole tensor)
 
 
+def _expect(name: str, shape: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(shape) != expected:
+        raise CheckpointError(f"expert tensor {name} has shape {tuple(shape)}, expected {expected} from config.json")
+
+
 def _check_header(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> None:
     """`name` is in the checkpoint with the shape config.json implies: from the file's header, no data read."""
     if name not in ckpt:
         raise CheckpointError(f"{ckpt.root}: expert tensor {name!r} is missing")
-    shape = tuple(ckpt.shape(name))
-    if shape != expected:
-        raise CheckpointError(f"expert tensor {name} has shape {shape}, expected {expected} from config.json")
+    _expect(name, ckpt.shape(name), expected)
 
 
 def _check(name: str, t: Tensor, expected: tuple[int, ...]) -> Tensor:
-    if tuple(t.shape) != expected:
-        raise CheckpointError(f"expert tensor {name} has shape {tuple(t.shape)}, expected {expected} from config.json")
+    _expect(name, t.shape, expected)
     return t
 
 
