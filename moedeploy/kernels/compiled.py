@@ -28,6 +28,8 @@ bfloat16; anything else keeps the loop.
 
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,14 +51,19 @@ def _ffn(x: Tensor, expert: Tensor, w_in: Tensor, w_out: Tensor) -> Tensor:
     return _gemv(F.silu(gate) * up, expert, w_out)  # [P, D]
 
 
-_compiled = None
+_compiled: dict[tuple, object] = {}
 
 
-def _kernel():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(_ffn)
-    return _compiled
+def _kernel(bank_w_in: Tensor):
+    """One compiled function per expert shape and dtype, each over its own copy of `_ffn`'s code (dynamo keeps
+    its compilations and its shape history per code object): within one, only the row count and the bank's
+    expert count vary. One shared function was recompiled with the reduction's length symbolic once a second
+    shape came, and that code sums in another order: a layer's bits depended on what had run before."""
+    key = (tuple(bank_w_in.shape[1:]), bank_w_in.dtype)
+    if key not in _compiled:
+        code = _ffn.__code__.replace(co_name=f"_ffn_{len(_compiled)}")
+        _compiled[key] = torch.compile(types.FunctionType(code, _ffn.__globals__, code.co_name))
+    return _compiled[key]
 
 
 def compiled_supported(bank: ExpertBank) -> bool:
@@ -78,11 +85,12 @@ def compiled_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:
     """x [T, D], ids [T, K] -> pairs [T*K, D] in (token, k) order: the same rows as `compiled_experts`
     computes from a plan, with no plan (no sort, gather or unsort): a decode step's whole dispatch."""
     T, K = ids.shape
-    rows = x.unsqueeze(1).expand(T, K, x.shape[-1]).reshape(T * K, -1)  # [T*K, D]
+    D = x.shape[-1]
+    rows = x.unsqueeze(1).expand(T, K, D).reshape(T * K, D)  # [T*K, D]
     expert = ids.reshape(-1)
     torch._dynamo.maybe_mark_dynamic(rows, 0)
     torch._dynamo.maybe_mark_dynamic(expert, 0)
-    return _kernel()(rows, expert, bank.w_in, bank.w_out)
+    return _kernel(bank.w_in)(rows, expert, bank.w_in, bank.w_out)
 
 
 def compiled_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
@@ -94,4 +102,4 @@ def compiled_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
     # any expert (combine zeroes them)
     torch._dynamo.maybe_mark_dynamic(x_sorted, 0)
     torch._dynamo.maybe_mark_dynamic(expert, 0)
-    return _kernel()(x_sorted, expert, bank.w_in, bank.w_out)
+    return _kernel(bank.w_in)(x_sorted, expert, bank.w_in, bank.w_out)
