@@ -183,7 +183,7 @@ def load(path: str | Path | None = None, *, device="cpu", dtype="auto", gating: 
     gating: "dynamic" (sort tokens by expert; exact) or "static" (capacity buffers; the baseline).
     capacity_factor / capacity_fraction: static gating's capacity, C = ceil(f * k * S / E) or
     ceil(fraction * S); by default the model's own capacity (Switch, NLLB-MoE) or room for every token.
-    backend: expert kernel, "auto", "loop" or "grouped_mm".
+    backend: expert kernel, "auto", "loop", "grouped_mm", or the CPU decode kernels "compiled" and "native".
     expert_memory: keep only this much of the experts resident ("2GiB", "512MB", bytes, or a fraction
     of all expert bytes such as 0.25); the rest stay in host memory and are copied in when needed.
     policy: which resident expert to evict: "lru" (default), "lfu", "fifo", "lifo" (the paper's).

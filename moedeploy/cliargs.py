@@ -63,7 +63,7 @@ def add_load_options(p: argparse.ArgumentParser, predictor: bool = True) -> None
     p.add_argument("--gating", default="dynamic", help="dynamic (exact, default) or static (capacity baseline)")
     p.add_argument("--capacity-factor", type=float, help="static gating: C = ceil(f * k * S / E)")
     p.add_argument("--capacity-fraction", type=float, help="static gating: C = ceil(fraction * S)")
-    p.add_argument("--backend", default="auto", help="expert kernel: auto, loop or grouped_mm")
+    p.add_argument("--backend", default="auto", help="expert kernel: auto (default), loop, grouped_mm, compiled or native (CPU decode kernels)")
     p.add_argument("--expert-memory", help="resident expert budget: a size (2GiB, 512MB) or a fraction (0.25)")
     p.add_argument("--policy", help="expert eviction policy: lru (default), lfu, fifo, lifo")
     p.add_argument("--cache-scope", help="layer (a share per MoE layer, default) or global (one pool)")

@@ -14,6 +14,7 @@ the family files under `models/`.
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -118,11 +119,12 @@ class MoELayer(nn.Module):
         E = self.router.num_experts
         self.routed_pairs += routing.ids.numel()
         if self.gating.mode == "dynamic":
+            kernel = kernels.for_step(self.backend, x, routing.ids.numel(), self.experts)  # the whole step's
             if self.parallel is not None:
-                y = self.parallel(x, routing, self._experts)
+                y = self.parallel(x, routing, functools.partial(self._experts, kernel=kernel))
                 self.expert_counts += count(routing.ids, E)
             else:
-                y, counts = self._experts(x, routing, departs)
+                y, counts = self._experts(x, routing, kernel, departs)
                 self.expert_counts += counts
             if self.may_drop:
                 self.dropped_pairs += (routing.ids == E).sum()
@@ -165,14 +167,15 @@ class MoELayer(nn.Module):
             return allowed.to(self.router.weight.device, non_blocking=True)
         return None
 
-    def _experts(self, x: Tensor, routing: Routing, departs: bool = False) -> tuple[Tensor, Tensor]:
+    def _experts(self, x: Tensor, routing: Routing, kernel: str, departs: bool = False) -> tuple[Tensor, Tensor]:
         """Dynamic gating over this layer's expert bank: y [T, D] and the pairs per expert [E'] (E' = the
-        bank's experts: every expert, or this rank's slots under expert parallelism). `departs`: the
-        routing may hold dropped pairs though the router does not drop (a restricted choice)."""
+        bank's experts: every expert, or this rank's slots under expert parallelism). `kernel`: the step's
+        backend (`kernels.for_step`). `departs`: the routing may hold dropped pairs though the router does not
+        drop (a restricted choice)."""
         if self.pool is not None:
-            return self._moe_buffered(x, routing)
+            return self._moe_buffered(x, routing, kernel)
         may_drop = self.may_drop or departs
-        pairs_kernel = None if may_drop else kernels.direct(self.backend, x, routing.ids, self.experts)
+        pairs_kernel = None if may_drop else kernels.direct(kernel, routing.ids)
         if pairs_kernel is not None:  # a decode step: no plan
             with _label("moe.experts"):
                 pairs = pairs_kernel(x, routing.ids, self.experts)  # [T*K, D]
@@ -182,11 +185,11 @@ class MoELayer(nn.Module):
             p = plan(routing, self.experts.num_experts, may_drop=may_drop)
             x_sorted = gather(x, p)  # [P, D]
         with _label("moe.experts"):
-            y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.experts)  # [P, D]
+            y_sorted = kernels.BACKENDS[kernel](x_sorted, p, self.experts)  # [P, D]
         with _label("moe.combine"):
             return combine(y_sorted, p), p.counts
 
-    def _moe_buffered(self, x: Tensor, routing: Routing) -> tuple[Tensor, Tensor]:
+    def _moe_buffered(self, x: Tensor, routing: Routing, kernel: str) -> tuple[Tensor, Tensor]:
         """Dynamic gating with only some experts resident: the needed experts pass through the pool's
         slots in chunks that fit; every pair's row lands in one buffer in token order, and one weighted
         sum at the end makes the output bit-identical to the fully resident layer."""
@@ -213,7 +216,7 @@ class MoELayer(nn.Module):
                          may_drop=True, sizes=sizes)
                 x_sorted = gather(x, p)
             with _label("moe.experts"):
-                y_sorted = kernels.BACKENDS[self.backend](x_sorted, p, self.pool.slots)  # [P, D]
+                y_sorted = kernels.BACKENDS[kernel](x_sorted, p, self.pool.slots)  # [P, D]
             n = sum(sizes)  # this chunk's rows come first in the plan
             pairs.index_copy_(0, p.order[:n], y_sorted[:n])
         if self.lookahead is not None:  # after this layer's experts are queued: their slots may be reused

@@ -74,19 +74,20 @@ def test_a_budget_that_changes_the_kernel_keeps_the_bits(tiny):
                 assert torch.equal(model(ids).logits, resident(ids).logits), (budget, shape)
 
 
+@pytest.mark.parametrize("backend", ["compiled", "native", "auto"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_compiled_decode_kernel_is_bit_identical_under_budgets(tiny, dtype):
-    """The compiled gather-GEMV (what "auto" picks for decode steps on large experts) over the pool's slots
-    gives the resident model's bits; its greedy tokens are the loop's."""
+def test_the_fused_decode_kernels_are_bit_identical_under_budgets(tiny, dtype, backend):
+    """The fused gather-GEMVs ("auto" picks the native one for decode steps on the CPU) over the pool's slots
+    give the resident model's bits; their greedy tokens are the loop's."""
     path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
     ids = torch.randint(3, 320, (1, 6), generator=torch.Generator().manual_seed(0))
     gen = dict(max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
-        want = moedeploy.load(path, dtype=dtype, backend="compiled").generate(ids, **gen)
+        want = moedeploy.load(path, dtype=dtype, backend=backend).generate(ids, **gen)
         loop = moedeploy.load(path, dtype=dtype, backend="loop").generate(ids, **gen)
         assert torch.equal(want.sequences, loop.sequences)
         for budget in (0.25, 0.5):
-            got = moedeploy.load(path, dtype=dtype, backend="compiled", expert_memory=budget).generate(ids, **gen)
+            got = moedeploy.load(path, dtype=dtype, backend=backend, expert_memory=budget).generate(ids, **gen)
             assert torch.equal(got.sequences, want.sequences), budget
             assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits)), budget
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,7 @@ from moedeploy import kernels
 from moedeploy.dispatch import combine, count_without_sync, gather, plan
 from moedeploy.errors import OptionError
 from moedeploy.experts import Activation, ExpertBank
+from moedeploy.kernels import native
 from moedeploy.routing import Routing
 
 
@@ -152,3 +157,110 @@ def test_the_compiled_kernel_is_refused_where_it_does_not_apply():
         kernels.select("compiled", random_bank(4, 16, 8, gated=True, bias=True, seed=0))
     small = random_bank(4, 16, 8, gated=True, bias=False, seed=0)
     assert not kernels.worth_compiling(small)  # "auto" keeps the loop for small experts: no compile at start-up
+
+
+def eager_pairs(x, expert, bank):
+    """Each row through its expert in eager torch, in the bank's dtype: what the fused kernels stand for."""
+    return torch.stack([F.linear(bank.activation(F.linear(x[p], bank.w_in[e])), bank.w_out[e])
+                        for p, e in enumerate(expert.tolist())])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_native_kernel_matches_eager_on_odd_shapes(dtype, portable):
+    """moedeploy's C++ decode kernel (AVX2, and the plain loops a CPU without AVX2 runs) against eager torch per
+    row, 1 to 33 rows, on shapes whose inputs are and are not whole blocks of 16 (the kernel's inner step)."""
+    assert native.available(), native.why_not()
+    for E, D, I in ((3, 37, 19), (5, 64, 32), (4, 48, 40), (2, 160, 8)):
+        bank = random_bank(E, D, I, gated=True, bias=False, seed=D)
+        bank = ExpertBank(bank.w_in.to(dtype), bank.w_out.to(dtype), bank.activation)
+        for P in (1, 2, 7, 16, 33):
+            g = torch.Generator().manual_seed(P)
+            x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
+            got = torch.ops.moedeploy.expert_ffn(x, expert, bank.w_in, bank.w_out, portable)
+            want = eager_pairs(x, expert, bank)
+            assert got.dtype == dtype and got.shape == (P, D)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert err <= (2e-6 if dtype == torch.float32 else 8e-3), (E, D, I, P, err)  # bf16: one rounding apart
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_kernel_bits_do_not_depend_on_threads_rows_or_slots(dtype):
+    """A row's bits are its own: the same with 1 or 2 threads, alone or beside other rows, whichever slot of the
+    bank holds its expert (what makes a budgeted layer bit-identical to the resident one)."""
+    assert native.available(), native.why_not()
+    E, D, I = 6, 96, 64
+    bank = random_bank(E, D, I, gated=True, bias=False, seed=5)
+    w_in, w_out = bank.w_in.to(dtype), bank.w_out.to(dtype)
+    x, expert = torch.randn(9, D).to(dtype), torch.tensor([0, 3, 3, 5, 1, 0, 2, 4, 5])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out)
+        torch.set_num_threads(2)
+        two = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    alone = torch.cat([torch.ops.moedeploy.expert_ffn(x[p:p + 1], expert[p:p + 1], w_in, w_out) for p in range(9)])
+    assert torch.equal(alone, one)
+    where = torch.randperm(E, generator=torch.Generator().manual_seed(1))  # slot s holds expert where[s]
+    slot = torch.argsort(where)[expert]
+    assert torch.equal(torch.ops.moedeploy.expert_ffn(x, slot, w_in[where], w_out[where]), one)
+
+
+def test_auto_decodes_with_the_native_kernel_and_it_matches_the_loop():
+    """"auto" hands a decode-sized CPU step to the native kernel (no plan), whatever the experts' size; a plan's
+    rows through it give the per-pair reference."""
+    bank = random_bank(8, 64, 32, gated=True, bias=False, seed=2)
+    x = torch.randn(1, 64)
+    assert kernels.for_step("auto", x, 4, bank) == "native"
+    assert kernels.direct("native", random_routing(1, 4, 8, drop=False, seed=3).ids) is kernels.native_pairs
+    assert kernels.for_step("auto", x, kernels.COMPILED_ROWS + 1, bank) == "auto"  # a prompt: the loop or grouped_mm
+    assert kernels.for_step("loop", x, 4, bank) == "loop"
+    assert kernels.select("native", bank) == "native"
+    for T, K, drop in ((1, 4, False), (3, 2, True), (2, 8, False)):
+        routing = random_routing(T, K, 8, drop, seed=T)
+        x = torch.randn(T, 64, generator=torch.Generator().manual_seed(T))
+        p = plan(routing, 8, may_drop=drop)
+        y = combine(kernels.BACKENDS["native"](gather(x, p), p, bank), p)
+        torch.testing.assert_close(y, per_pair_reference(x, routing, bank), rtol=1e-5, atol=1e-4)
+    with pytest.raises(OptionError, match="SiLU-gated"):
+        kernels.select("native", random_bank(4, 16, 8, gated=True, bias=True, seed=0))
+
+
+def test_without_a_compiler_auto_says_so_and_native_is_refused(tmp_path):
+    """A machine whose C++ compiler fails (CXX=false, an empty extensions folder): "auto" warns once and decodes
+    with the torch.compile kernel; backend="native" is refused with the reason."""
+    script = """
+import warnings, torch
+from moedeploy import kernels
+from moedeploy.errors import OptionError
+from moedeploy.experts import Activation, ExpertBank
+bank = ExpertBank(torch.randn(4, 2048, 1024), torch.randn(4, 1024, 1024), Activation(torch.nn.SiLU(), gated=True))
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    picked = kernels.for_step("auto", torch.randn(1, 1024), 2, bank)
+    kernels.for_step("auto", torch.randn(1, 1024), 2, bank)
+assert picked == "compiled", picked
+assert len([w for w in seen if "could not be built" in str(w.message)]) == 1, [str(w.message) for w in seen]
+try:
+    kernels.select("native", bank)
+except OptionError as ex:
+    assert "could not be built" in str(ex) and "C++ compiler" in str(ex), ex
+    print("refused")
+"""
+    env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "refused"
+
+
+@pytest.mark.parametrize("backend", ["native", "compiled"])
+def test_a_step_with_no_tokens_gives_no_rows(backend):
+    """An expert-parallel rank can get no tokens in a step: the plan-free decode kernels return [0, D]."""
+    bank = random_bank(4, 32, 16, gated=True, bias=False, seed=0)
+    run = {"native": kernels.native_pairs, "compiled": kernels.compiled_pairs}[backend]
+    assert run(torch.randn(0, 32), torch.zeros(0, 2, dtype=torch.long), bank).shape == (0, 32)
+

@@ -290,11 +290,12 @@ def test_bench_decode_reports_rates_against_the_best_bandwidth_of_the_run(tiny, 
     measured = iter([1e9, 3e9, 2e9])  # before the rounds, after round 1, after round 2
     monkeypatch.setattr(decode, "read_bandwidth", lambda threads, repeats=5: next(measured))
     path = str(tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32))
-    assert main(["bench", "decode", "--model", path, "--configs", "float32,float32+int8", "--threads", "1",
-                 "--rounds", "2", "--new-tokens", "4", "--json"]) == 0
+    assert main(["bench", "decode", "--model", path, "--configs", "float32,float32+int8,float32@compiled", "--threads",
+                 "1", "--rounds", "2", "--new-tokens", "4", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert next(measured, None) is None and out["read_bandwidth"] == {"1": 3e9}
-    assert [(r["config"], r["threads"]) for r in out["rows"]] == [("float32", 1), ("float32+int8", 1)]
+    assert [(r["config"], r["threads"]) for r in out["rows"]] == [("float32", 1), ("float32+int8", 1),
+                                                                 ("float32@compiled", 1)]
     for row in out["rows"]:
         assert row["decode_tok_s"] > 0
         assert row["bound_tok_s"] == round(3e9 / row["bytes_per_token"], 1)

@@ -8,7 +8,8 @@ Decoding a large MoE on a CPU reads, per token, every dense weight and the K rou
 The read bandwidth is measured here, per thread count (a sum over 1 GiB of float32), before the first round and
 again after every round, and the best is kept (on a shared machine one early measurement can come out low and
 put a rate above its "bound"), so each rate is also reported as a share of its bound. Configurations are
-`MODEL_DTYPE[+EXPERT_DTYPE]` (`float32`, `bfloat16`, `bfloat16+int8`, `bfloat16+int4`); llama.cpp runs through
+`MODEL_DTYPE[+EXPERT_DTYPE][@BACKEND]` (`float32`, `bfloat16`, `bfloat16+int8`, `bfloat16+int4`; `@compiled`
+or `@loop` to time another expert kernel than `auto`'s in the same run); llama.cpp runs through
 its own `llama-bench` (`--llama-cpp DIR --gguf NAME=FILE ...`: DIR a llama.cpp checkout built in DIR/build;
 text generation only, the same number of tokens), its bytes per token read from the GGUF's tensor table
 (DIR/gguf-py) the same way. Every round runs every configuration once per thread count, so drift hits them
@@ -97,8 +98,9 @@ def llama_bench(binary: Path, gguf: Path, threads: int, new_tokens: int, timeout
 def _load(model_dir, config: str):
     from ..api import load
 
+    config, _, backend = config.partition("@")
     dtype, _, expert_dtype = config.partition("+")
-    return load(model_dir, dtype=dtype, expert_dtype=expert_dtype or None)
+    return load(model_dir, dtype=dtype, expert_dtype=expert_dtype or None, backend=backend or "auto")
 
 
 def run(args) -> int:
@@ -167,7 +169,7 @@ def run(args) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--configs", default="float32,bfloat16,bfloat16+int8,bfloat16+int4",
-                   help="MODEL_DTYPE[+EXPERT_DTYPE], comma-separated")
+                   help="MODEL_DTYPE[+EXPERT_DTYPE][@BACKEND], comma-separated")
     p.add_argument("--threads", default="1,2", help="torch (and llama.cpp) threads (default 1,2)")
     p.add_argument("--llama-cpp", help="a llama.cpp checkout built in DIR/build (llama-bench; gguf-py reads the GGUFs)")
     p.add_argument("--gguf", action="append", metavar="NAME=FILE", help="a GGUF of the same model (repeatable)")

@@ -1,0 +1,118 @@
+"""Decode-sized steps on CPU: every pair's expert FFN in moedeploy's own C++ kernel (native.cpp).
+
+The same fused gather-GEMV as the inductor-generated one (compiled.py: each row p reads its own expert's
+weights from the bank, no copy, no per-expert calls),
+
+    h[p] = w_in[e_p] @ x[p]        [P, N]    a[p] = silu(gate) * up    [P, I]    y[p] = w_out[e_p] @ a[p]    [P, D]
+
+written for the one thing a decode step needs, reading weights as fast as the memory gives them: inductor's
+loop sums each row in one chain of fused multiply-adds and converts bfloat16 weights two instructions per 8
+(docs/benchmarks.md: 0.44 of the bandwidth in bfloat16 on an AVX2 CPU); this one keeps eight chains in flight
+and unpacks 16 bfloat16 weights in two. Roundings are eager torch's (h to the weights' dtype, then silu, then
+the product); sums are in float32, in a fixed order per output element, so the bits do not depend on threads,
+on the other rows of a step or on the bank's slot order: a layer under an expert budget gives the resident
+layer's bits.
+
+The source is compiled once per torch version at first use (`torch.utils.cpp_extension`, about a minute; the
+C++ compiler inductor needs anyway) into torch's extensions folder ($TORCH_EXTENSIONS_DIR). Where it cannot
+be built, "auto" keeps the compiled kernel (one warning says why) and backend="native" is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..dispatch import Plan
+from ..errors import OptionError
+from ..experts import ExpertBank
+from .compiled import compiled_supported
+
+SOURCE = Path(__file__).with_name("native.cpp")
+FLAGS = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for is inline and runs on one thread without it
+
+_state: dict[str, object] = {}  # "ok": True, or "error": why it could not be built
+
+
+def _name() -> str:
+    """One build per torch version (the library links against torch's C++ ABI)."""
+    return "moedeploy_experts_" + re.sub(r"\W", "_", torch.__version__)
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (building it on the first call)."""
+    if not _state:
+        from torch.utils import cpp_extension
+
+        try:
+            root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+            folder = Path(root) / _name()
+            folder.mkdir(parents=True, exist_ok=True)
+            if not any(folder.glob("*.so")):
+                print("moedeploy: compiling its CPU expert kernel (once per torch version, about a minute)",
+                      file=sys.stderr)
+            cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+                               build_directory=str(folder), is_python_module=False, verbose=False)
+            _state["ok"] = True
+        except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
+            # say so, keep the other kernels
+            _state["error"] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[-1] if str(ex).strip() else ''}"
+    return "ok" in _state
+
+
+def why_not() -> str:
+    return str(_state.get("error", ""))
+
+
+def native_supported(bank: ExpertBank) -> bool:
+    """What the kernel computes: the compiled kernel's banks (float32/bfloat16, SiLU-gated, no biases, CPU)."""
+    return compiled_supported(bank)
+
+
+def check(bank: ExpertBank) -> None:
+    """backend="native", asked for by name: refuse a bank it does not compute or a kernel that did not build."""
+    if not native_supported(bank):
+        raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 experts without biases on the CPU; "
+                          "use backend='auto' or 'loop' for this model")
+    if not available():
+        raise OptionError(f"backend 'native' could not be built ({why_not()}); it needs a C++ compiler with OpenMP "
+                          "(g++ and ninja on PATH; torch.compile needs the compiler too); use backend='auto'")
+
+
+def warn_unavailable() -> None:
+    """Once per process, where "auto" wanted the kernel and it could not be built."""
+    if not _state.get("warned"):
+        _state["warned"] = True
+        warnings.warn(f"moedeploy's CPU expert kernel could not be built ({why_not()}); decode steps use the "
+                      "torch.compile kernel instead", RuntimeWarning, stacklevel=3)
+
+
+def _run(rows: Tensor, expert: Tensor, bank: ExpertBank) -> Tensor:
+    if not available():
+        raise OptionError(f"moedeploy's CPU expert kernel could not be built ({why_not()}); use backend='auto'")
+    return torch.ops.moedeploy.expert_ffn(rows.contiguous(), expert.long().contiguous(), bank.w_in.contiguous(),
+                                          bank.w_out.contiguous())
+
+
+def native_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:
+    """x [T, D], ids [T, K] -> pairs [T*K, D] in (token, k) order, with no plan (a decode step's dispatch)."""
+    T, K = ids.shape
+    D = x.shape[-1]
+    return _run(x.unsqueeze(1).expand(T, K, D).reshape(T * K, D), ids.reshape(-1), bank)  # T may be 0 (a rank idle)
+
+
+def native_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
+    P = x_sorted.shape[0]
+    if P == 0:
+        return x_sorted.new_empty(0, bank.hidden_size)
+    rows = torch.arange(P, dtype=torch.int32, device=x_sorted.device)
+    expert = torch.searchsorted(p.offsets, rows, right=True).clamp_(max=p.num_experts - 1)  # [P]; dropped rows:
+    # any expert (combine zeroes them)
+    return _run(x_sorted, expert, bank)
