@@ -49,6 +49,36 @@ def test_each_kernel_matches_its_reference_on_odd_shapes(fmt, group, dtype):
         _close(kernel(x), x.float() @ deq.T, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("portable", [False, True])
+def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, portable):
+    """moedeploy's C++ decode kernel over int8 experts (AVX2, and the plain loops) against the FFN of the weights
+    they stand for, 1..33 rows; groups of whole rows, of 16 and 32 inputs, and of 8 (not a 16-input block: the
+    plain loops run); one output rounding in bfloat16 apart at most."""
+    from moedeploy.experts import Activation
+    from moedeploy.kernels import native
+
+    assert native.available(), native.why_not()
+    silu = Activation(torch.nn.SiLU(), gated=True)
+    for E, D, I, group in ((3, 64, 32, None), (4, 96, 48, 16), (2, 128, 64, 32), (3, 48, 24, 8)):
+        g = torch.Generator().manual_seed(D)
+        w_in, w_out = torch.randn(E, 2 * I, D, generator=g), torch.randn(E, D, I, generator=g)
+        q_in, s_in = zip(*(quantize_int8(w, group or D) for w in w_in))
+        q_out, s_out = zip(*(quantize_int8(w, group or I) for w in w_out))
+        q_in, q_out = torch.stack(q_in), torch.stack(q_out)
+        s_in, s_out = torch.stack(s_in).to(dtype), torch.stack(s_out).to(dtype)
+        deq = ExpertBank(torch.stack([dequantize_int8(q, s) for q, s in zip(q_in, s_in)]).to(dtype),
+                         torch.stack([dequantize_int8(q, s) for q, s in zip(q_out, s_out)]).to(dtype), silu)
+        for P in (1, 2, 7, 16, 33):
+            x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
+            got = torch.ops.moedeploy.expert_ffn_int8(x, expert, q_in, s_in, q_out, s_out, portable)
+            want = torch.stack([torch.nn.functional.linear(silu(torch.nn.functional.linear(x[p], deq.w_in[e])),
+                                                           deq.w_out[e]) for p, e in enumerate(expert.tolist())])
+            _close(got, want, dtype)
+            if dtype == torch.bfloat16:  # tighter than TOLERANCE: the bfloat16 loop itself is ~4e-3 off float32
+                assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) <= 8e-3
+
+
 def test_int8_groups_add_up_in_float32():
     """Groups of a row run as one kernel call each; their partial sums add up in float32 and round to bfloat16
     once, so 64 groups cost about one rounding of the output, not one per group."""
@@ -162,12 +192,16 @@ def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
     """The buffering guarantee carries over: slots hold the quantized form, logits stay bit-identical."""
     path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
     ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(1))
+    gen = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
-        want = load(path, dtype="float32", expert_dtype=dtype)(ids).logits
+        resident = load(path, dtype="float32", expert_dtype=dtype)
+        want, decoded = resident(ids).logits, resident.generate(ids[:1, :4], **gen)  # decode steps: int8's native
         for budget, policy, scope in ((0.25, "lru", "layer"), (0.5, "lifo", "layer"), (0.3, "lfu", "global")):
             model = load(path, dtype="float32", expert_dtype=dtype, expert_memory=budget, policy=policy,
                          cache_scope=scope)
             assert torch.equal(model(ids).logits, want), (budget, policy, scope)
+            got = model.generate(ids[:1, :4], **gen)
+            assert all(torch.equal(a, b) for a, b in zip(got.logits, decoded.logits)), (budget, policy, scope)
             stats = model.moedeploy.cache_stats()
             small = next(iter(model.moedeploy.layers.values())).experts.expert_bytes()
             assert stats["misses"] > 0 and stats["bytes_moved"] == small * (stats["misses"] + stats["prefetched"])
@@ -177,7 +211,7 @@ def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off
     from moedeploy.quant.formats import QuantSpec, for_device, kernel, unpack_int4
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert kernel(QuantSpec("int8"), cpu) == "int8: torch._weight_int8pack_mm"
+    assert kernel(QuantSpec("int8"), cpu).startswith("int8: torch._weight_int8pack_mm; decode steps moedeploy")
     assert kernel(QuantSpec("int4"), cpu) == "int4: torch._weight_int4pack_mm_for_cpu"
     assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), gpu)
     assert for_device(QuantSpec("int4", 32), gpu) == QuantSpec("int4", 32, "plain")

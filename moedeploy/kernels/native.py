@@ -13,6 +13,10 @@ the product); sums are in float32, in a fixed order per output element, so the b
 on the other rows of a step or on the bank's slot order: a layer under an expert budget gives the resident
 layer's bits.
 
+int8-quantized experts (quant/formats.py: one scale per row and group of inputs) run the same kernel reading
+int8 weights: each group's sum is scaled, then added, in float32 (torch's `_weight_int8pack_mm` converts and
+multiplies one weight at a time at 6-9 G weights/s per core; this one keeps up with the memory).
+
 The source is compiled once per torch version at first use (`torch.utils.cpp_extension`, about a minute; the
 C++ compiler inductor needs anyway) into torch's extensions folder ($TORCH_EXTENSIONS_DIR). Where it cannot
 be built, "auto" keeps the compiled kernel (one warning says why) and backend="native" is refused.
@@ -71,16 +75,26 @@ def why_not() -> str:
     return str(_state.get("error", ""))
 
 
-def native_supported(bank: ExpertBank) -> bool:
-    """What the kernel computes: the compiled kernel's banks (float32/bfloat16, SiLU-gated, no biases, CPU)."""
+def _silu_gated(bank) -> bool:
+    fn = getattr(bank.activation, "fn", None)
+    return (bank.activation.gated and bank.activation.clamp is None and bank.b_in is None and bank.b_out is None
+            and type(fn).__name__ in ("SiLU", "SiLUActivation"))
+
+
+def native_supported(bank) -> bool:
+    """What the kernel computes: the compiled kernel's banks (float32/bfloat16, SiLU-gated, no biases, CPU), and
+    int8-quantized ones of that kind (quant/formats.py) on the CPU."""
+    if getattr(bank, "quantized", False):
+        return (getattr(bank, "spec", None) is not None and bank.spec.dtype == "int8" and _silu_gated(bank)
+                and bank.q_in.device.type in ("cpu", "meta") and bank.s_in.dtype in (torch.float32, torch.bfloat16))
     return compiled_supported(bank)
 
 
 def check(bank: ExpertBank) -> None:
     """backend="native", asked for by name: refuse a bank it does not compute or a kernel that did not build."""
     if not native_supported(bank):
-        raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 experts without biases on the CPU; "
-                          "use backend='auto' or 'loop' for this model")
+        raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 (or int8-quantized) experts without "
+                          "biases on the CPU; use backend='auto' for this model")
     if not available():
         raise OptionError(f"backend 'native' could not be built ({why_not()}); it needs a C++ compiler with OpenMP "
                           "(g++ and ninja on PATH; torch.compile needs the compiler too); use backend='auto'")
@@ -94,11 +108,13 @@ def warn_unavailable() -> None:
                       "torch.compile kernel instead", RuntimeWarning, stacklevel=3)
 
 
-def _run(rows: Tensor, expert: Tensor, bank: ExpertBank) -> Tensor:
+def _run(rows: Tensor, expert: Tensor, bank) -> Tensor:
     if not available():
         raise OptionError(f"moedeploy's CPU expert kernel could not be built ({why_not()}); use backend='auto'")
-    return torch.ops.moedeploy.expert_ffn(rows.contiguous(), expert.long().contiguous(), bank.w_in.contiguous(),
-                                          bank.w_out.contiguous())
+    rows, expert = rows.contiguous(), expert.long().contiguous()
+    if getattr(bank, "quantized", False):
+        return torch.ops.moedeploy.expert_ffn_int8(rows, expert, bank.q_in, bank.s_in, bank.q_out, bank.s_out)
+    return torch.ops.moedeploy.expert_ffn(rows, expert, bank.w_in.contiguous(), bank.w_out.contiguous())
 
 
 def native_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:

@@ -91,7 +91,8 @@ def kernel(spec: QuantSpec, device: torch.device) -> str:
     """What runs for `spec`'s experts on `device` (the runtime's stats say it)."""
     if device.type != "cpu" or spec.layout == "plain":
         return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
-    return {"int8": "int8: torch._weight_int8pack_mm", "int4": "int4: torch._weight_int4pack_mm_for_cpu"}[spec.dtype]
+    return {"int8": "int8: torch._weight_int8pack_mm; decode steps moedeploy's native kernel (kernels/native.py)",
+            "int4": "int4: torch._weight_int4pack_mm_for_cpu"}[spec.dtype]
 
 
 def mm_int8(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
