@@ -25,13 +25,38 @@ class Activation:
 
     def __call__(self, h: Tensor) -> Tensor:
         if not self.gated:
-            return self.fn(h)
+            return rowwise(self.fn, h)
         gate, up = h.chunk(2, dim=-1)
         if self.clamp is None:
-            return self.fn(gate) * up
+            return rowwise(self.fn, gate) * up
         gate = gate.clamp(max=self.clamp)
         up = up.clamp(min=-self.clamp, max=self.clamp)
-        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+        return (up + 1) * (gate * rowwise(torch.sigmoid, gate * self.alpha))
+
+
+GRAIN = 16384  # an element-wise op over fewer elements runs on one thread: torch's grain (at::internal::GRAIN_SIZE)
+# is 32768, and gelu's kernel splits from 16384
+
+
+def rowwise(fn, t: Tensor) -> Tensor:
+    """fn (element-wise and transcendental: exp, sigmoid, erf...) over t [..., W], each row's result independent of
+    the other rows and of its position. torch computes such a function in vector lanes and the last few elements of
+    a loop one at a time, which round differently; over a contiguous tensor the loop runs across rows, so a row's
+    bits would depend on where it sits, and a budget (rows in slot order, in chunks) would change them. Here every
+    row is its own inner loop: rows kept apart in memory (torch cannot merge them into one), always at least two
+    (a lone row is a plain vector, which some kernels, gelu's, compute another way), and every call under torch's
+    grain (one thread: a thread's share would otherwise start mid-row; rows wider than half the grain excepted).
+    t may have any leading dimensions; the rows are its last one.
+    Arithmetic (+, *, clamp) rounds the same either way and needs none of this. tests/test_experts.py holds torch
+    to it."""
+    W = t.shape[-1]
+    P = t.numel() // W if W else 0  # rows: any leading dimensions
+    apart = t.new_zeros(P + 1, W + 1)[:, :W]  # [P + 1, W], row stride W + 1; the last row a spare
+    apart[:P].copy_(t.reshape(P, W))
+    rows = max(2, (GRAIN - 1) // max(W, 1))  # a last block of one row is the spare alone
+    if P + 1 <= rows:
+        return fn(apart)[:P].view(t.shape)
+    return torch.cat([fn(block) for block in apart.split(rows)])[:P].view(t.shape)
 
 
 def pin_buffers(bank: nn.Module) -> None:
