@@ -76,6 +76,21 @@ def count_without_sync(ids: Tensor, num_experts: int) -> Tensor:
     return torch.diff(ends, prepend=ends.new_zeros(1))
 
 
+def row_experts(p: Plan, rows: int) -> Tensor:
+    """The expert of each of the plan's first `rows` sorted rows [rows] (dropped rows: the last expert; `combine`
+    zeroes them): for kernels that take one expert per row."""
+    r = torch.arange(rows, dtype=torch.int32, device=p.offsets.device)
+    return torch.searchsorted(p.offsets, r, right=True).clamp_(max=p.num_experts - 1)
+
+
+def pair_rows(x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """x [T, D], ids [T, K] -> each pair's input row [T*K, D] and expert [T*K], in (token, k) order: a decode
+    step's whole dispatch, with no plan (T may be 0)."""
+    T, K = ids.shape
+    D = x.shape[-1]
+    return x.unsqueeze(1).expand(T, K, D).reshape(T * K, D), ids.reshape(-1)
+
+
 def gather(x: Tensor, p: Plan) -> Tensor:
     """x [T, D] -> x_sorted [P, D], the input row of every pair in expert order."""
     return x[p.tokens]

@@ -166,18 +166,21 @@ def eager_pairs(x, expert, bank):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("portable", [False, True])
-def test_the_native_kernel_matches_eager_on_odd_shapes(dtype, portable):
-    """moedeploy's C++ decode kernel (AVX2, and the plain loops a CPU without AVX2 runs) against eager torch per
-    row, 1 to 33 rows, on shapes whose inputs are and are not whole blocks of 16 (the kernel's inner step)."""
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "portable"])
+def test_the_native_kernel_matches_eager_on_odd_shapes(dtype, isa):
+    """moedeploy's C++ decode kernel (each instruction set this CPU runs, down to the plain loops a CPU without
+    AVX2 runs) against eager torch per row, 1 to 33 rows, on shapes whose inputs are and are not whole blocks of
+    16, 32 and 64 (the inner steps of AVX2, AVX-512 and the bfloat16 dot product)."""
     assert native.available(), native.why_not()
-    for E, D, I in ((3, 37, 19), (5, 64, 32), (4, 48, 40), (2, 160, 8)):
+    if isa not in native.isas():
+        pytest.skip(f"this CPU does not run {isa} (it runs {', '.join(native.isas())})")
+    for E, D, I in ((3, 37, 19), (5, 64, 32), (4, 48, 40), (2, 160, 8), (2, 200, 72)):
         bank = random_bank(E, D, I, gated=True, bias=False, seed=D)
         bank = ExpertBank(bank.w_in.to(dtype), bank.w_out.to(dtype), bank.activation)
         for P in (1, 2, 7, 16, 33):
             g = torch.Generator().manual_seed(P)
             x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
-            got = torch.ops.moedeploy.expert_ffn(x, expert, bank.w_in, bank.w_out, portable)
+            got = torch.ops.moedeploy.expert_ffn(x, expert, bank.w_in, bank.w_out, isa)
             want = eager_pairs(x, expert, bank)
             assert got.dtype == dtype and got.shape == (P, D)
             err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
@@ -185,28 +188,39 @@ def test_the_native_kernel_matches_eager_on_odd_shapes(dtype, portable):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_native_kernel_bits_do_not_depend_on_threads_rows_or_slots(dtype):
+@pytest.mark.parametrize("isa", ["best", "avx2"])
+def test_the_native_kernel_bits_do_not_depend_on_threads_rows_or_slots(dtype, isa):
     """A row's bits are its own: the same with 1 or 2 threads, alone or beside other rows, whichever slot of the
     bank holds its expert (what makes a budgeted layer bit-identical to the resident one)."""
     assert native.available(), native.why_not()
-    E, D, I = 6, 96, 64
+    if isa not in native.isas() + ["best"]:
+        pytest.skip(f"this CPU does not run {isa}")
+    E, D, I = 6, 160, 64
     bank = random_bank(E, D, I, gated=True, bias=False, seed=5)
     w_in, w_out = bank.w_in.to(dtype), bank.w_out.to(dtype)
     x, expert = torch.randn(9, D).to(dtype), torch.tensor([0, 3, 3, 5, 1, 0, 2, 4, 5])
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out)
+        one = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out, isa)
         torch.set_num_threads(2)
-        two = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out)
+        two = torch.ops.moedeploy.expert_ffn(x, expert, w_in, w_out, isa)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    alone = torch.cat([torch.ops.moedeploy.expert_ffn(x[p:p + 1], expert[p:p + 1], w_in, w_out) for p in range(9)])
+    alone = torch.cat([torch.ops.moedeploy.expert_ffn(x[p:p + 1], expert[p:p + 1], w_in, w_out, isa) for p in range(9)])
     assert torch.equal(alone, one)
     where = torch.randperm(E, generator=torch.Generator().manual_seed(1))  # slot s holds expert where[s]
     slot = torch.argsort(where)[expert]
-    assert torch.equal(torch.ops.moedeploy.expert_ffn(x, slot, w_in[where], w_out[where]), one)
+    assert torch.equal(torch.ops.moedeploy.expert_ffn(x, slot, w_in[where], w_out[where], isa), one)
+
+
+def test_the_native_kernel_names_the_instruction_sets_it_runs_when_asked_for_another():
+    assert native.available(), native.why_not()
+    assert native.isas()[-1] == "portable" and native.isas()[0] in ("avx512_bf16", "avx512", "avx2", "portable")
+    bank = random_bank(2, 32, 16, gated=True, bias=False, seed=0)
+    with pytest.raises(RuntimeError, match=r"isa 'sse9' is not one this CPU runs; it runs: portable"):
+        torch.ops.moedeploy.expert_ffn(torch.randn(1, 32), torch.tensor([0]), bank.w_in, bank.w_out, "sse9")
 
 
 def test_auto_decodes_with_the_native_kernel_and_it_matches_the_loop():

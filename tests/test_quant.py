@@ -50,15 +50,17 @@ def test_each_kernel_matches_its_reference_on_odd_shapes(fmt, group, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("portable", [False, True])
-def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, portable):
-    """moedeploy's C++ decode kernel over int8 experts (AVX2, and the plain loops) against the FFN of the weights
-    they stand for, 1..33 rows; groups of whole rows, of 16 and 32 inputs, and of 8 (not a 16-input block: the
-    plain loops run); one output rounding in bfloat16 apart at most."""
+@pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "portable"])
+def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, isa):
+    """moedeploy's C++ decode kernel over int8 experts (each instruction set this CPU runs) against the FFN of the
+    weights they stand for, 1..33 rows; groups of whole rows, of 16 and 32 inputs (AVX2's block, AVX-512's), and
+    of 8 (the plain loops run); one output rounding in bfloat16 apart at most."""
     from moedeploy.experts import Activation
     from moedeploy.kernels import native
 
     assert native.available(), native.why_not()
+    if isa not in native.isas():
+        pytest.skip(f"this CPU does not run {isa} (it runs {', '.join(native.isas())})")
     silu = Activation(torch.nn.SiLU(), gated=True)
     for E, D, I, group in ((3, 64, 32, None), (4, 96, 48, 16), (2, 128, 64, 32), (3, 48, 24, 8)):
         g = torch.Generator().manual_seed(D)
@@ -71,7 +73,7 @@ def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, porta
                          torch.stack([dequantize_int8(q, s) for q, s in zip(q_out, s_out)]).to(dtype), silu)
         for P in (1, 2, 7, 16, 33):
             x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
-            got = torch.ops.moedeploy.expert_ffn_int8(x, expert, q_in, s_in, q_out, s_out, portable)
+            got = torch.ops.moedeploy.expert_ffn_int8(x, expert, q_in, s_in, q_out, s_out, isa)
             want = torch.stack([torch.nn.functional.linear(silu(torch.nn.functional.linear(x[p], deq.w_in[e])),
                                                            deq.w_out[e]) for p, e in enumerate(expert.tolist())])
             _close(got, want, dtype)

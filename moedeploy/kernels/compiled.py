@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..dispatch import Plan
+from ..dispatch import Plan, pair_rows, row_experts
 from ..experts import ExpertBank
 
 MIN_EXPERT_BYTES = 1 << 20  # 1 MiB: the demo model's 150 KB experts keep the loop (no compile at start-up)
@@ -84,22 +84,16 @@ def worth_compiling(bank: ExpertBank) -> bool:
 def compiled_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:
     """x [T, D], ids [T, K] -> pairs [T*K, D] in (token, k) order: the same rows as `compiled_experts`
     computes from a plan, with no plan (no sort, gather or unsort): a decode step's whole dispatch."""
-    T, K = ids.shape
-    D = x.shape[-1]
-    rows = x.unsqueeze(1).expand(T, K, D).reshape(T * K, D)  # [T*K, D]
-    expert = ids.reshape(-1)
-    torch._dynamo.maybe_mark_dynamic(rows, 0)
-    torch._dynamo.maybe_mark_dynamic(expert, 0)
-    return _kernel(bank.w_in)(rows, expert, bank.w_in, bank.w_out)
+    return _call(*pair_rows(x, ids), bank)
 
 
 def compiled_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
-    P = x_sorted.shape[0]
-    if P == 0:
+    if x_sorted.shape[0] == 0:
         return x_sorted.new_empty(0, bank.hidden_size)
-    rows = torch.arange(P, dtype=torch.int32, device=x_sorted.device)
-    expert = torch.searchsorted(p.offsets, rows, right=True).clamp_(max=p.num_experts - 1)  # [P]; dropped rows:
-    # any expert (combine zeroes them)
-    torch._dynamo.maybe_mark_dynamic(x_sorted, 0)
+    return _call(x_sorted, row_experts(p, x_sorted.shape[0]), bank)
+
+
+def _call(rows: Tensor, expert: Tensor, bank: ExpertBank) -> Tensor:
+    torch._dynamo.maybe_mark_dynamic(rows, 0)
     torch._dynamo.maybe_mark_dynamic(expert, 0)
-    return _kernel(bank.w_in)(x_sorted, expert, bank.w_in, bank.w_out)
+    return _kernel(bank.w_in)(rows, expert, bank.w_in, bank.w_out)

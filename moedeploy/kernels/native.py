@@ -8,22 +8,26 @@ weights from the bank, no copy, no per-expert calls),
 written for the one thing a decode step needs, reading weights as fast as the memory gives them: inductor's
 loop sums each row in one chain of fused multiply-adds and converts bfloat16 weights two instructions per 8
 (docs/benchmarks.md: 0.44 of the bandwidth in bfloat16 on an AVX2 CPU); this one keeps eight chains in flight
-and unpacks 16 bfloat16 weights in two. Roundings are eager torch's (h to the weights' dtype, then silu, then
-the product); sums are in float32, in a fixed order per output element, so the bits do not depend on threads,
-on the other rows of a step or on the bank's slot order: a layer under an expert budget gives the resident
-layer's bits.
+and unpacks 16 bfloat16 weights in two (AVX2), 32 in two (AVX-512), or multiplies bfloat16 pairs with the CPU's
+own dot-product instruction (AVX512_BF16); `isas()` lists what this CPU runs, best first, and the best runs.
+Roundings are eager torch's (h to the weights' dtype, then silu, then the product); sums are in float32, in a
+fixed order per output element, so the bits do not depend on threads, on the other rows of a step or on the
+bank's slot order: a layer under an expert budget gives the resident layer's bits (on one CPU: like torch's
+own kernels, each instruction set sums in its own order).
 
 int8-quantized experts (quant/formats.py: one scale per row and group of inputs) run the same kernel reading
-int8 weights: each group's sum is scaled, then added, in float32 (torch's `_weight_int8pack_mm` converts and
-multiplies one weight at a time at 6-9 G weights/s per core; this one keeps up with the memory).
+int8 weights: each group's sum is scaled, then added, in float32 (torch's `_weight_int8pack_mm` reads int8
+experts at 6.7 GB/s per core on an AVX2 EPYC, this one at 10.8).
 
-The source is compiled once per torch version at first use (`torch.utils.cpp_extension`, about a minute; the
-C++ compiler inductor needs anyway) into torch's extensions folder ($TORCH_EXTENSIONS_DIR). Where it cannot
-be built, "auto" keeps the compiled kernel (one warning says why) and backend="native" is refused.
+The source is compiled at first use, once per torch version and source (`torch.utils.cpp_extension`, 15-60 s,
+with the C++ compiler inductor needs anyway; one line on stderr says so), into torch's extensions folder
+($TORCH_EXTENSIONS_DIR). Where it cannot be built, "auto" keeps the compiled kernel (one warning says why) and
+backend="native" is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -34,13 +38,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..dispatch import Plan
+from ..dispatch import Plan, pair_rows, row_experts
 from ..errors import OptionError
 from ..experts import ExpertBank
 from .compiled import compiled_supported
 
 SOURCE = Path(__file__).with_name("native.cpp")
-FLAGS = ["-O3", "-fopenmp"]  # OpenMP: ATen's parallel_for is inline and runs on one thread without it
+FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]  # OpenMP: ATen's parallel_for is inline and runs on one thread without it;
+# psabi: the loop shared by the instruction sets passes their vectors (native.cpp)
 
 _state: dict[str, object] = {}  # "ok": True, or "error": why it could not be built
 
@@ -59,11 +64,13 @@ def available() -> bool:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
             folder = Path(root) / _name()
             folder.mkdir(parents=True, exist_ok=True)
-            if not any(folder.glob("*.so")):
-                print("moedeploy: compiling its CPU expert kernel (once per torch version, about a minute)",
-                      file=sys.stderr)
+            stamp, source = folder / "moedeploy.sha256", hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+            if not stamp.exists() or stamp.read_text() != source:  # torch rebuilds when the source changed
+                print("moedeploy: compiling its CPU expert kernel (once per torch version and moedeploy release, "
+                      "15-60 s)", file=sys.stderr)
             cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(folder), is_python_module=False, verbose=False)
+            stamp.write_text(source)
             _state["ok"] = True
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
             # say so, keep the other kernels
@@ -73,6 +80,11 @@ def available() -> bool:
 
 def why_not() -> str:
     return str(_state.get("error", ""))
+
+
+def isas() -> list[str]:
+    """The instruction sets the kernel runs on this CPU, best first (the op's `isa=` takes any of them)."""
+    return list(torch.ops.moedeploy.expert_isas()) if available() else []
 
 
 def _silu_gated(bank) -> bool:
@@ -119,16 +131,10 @@ def _run(rows: Tensor, expert: Tensor, bank) -> Tensor:
 
 def native_pairs(x: Tensor, ids: Tensor, bank: ExpertBank) -> Tensor:
     """x [T, D], ids [T, K] -> pairs [T*K, D] in (token, k) order, with no plan (a decode step's dispatch)."""
-    T, K = ids.shape
-    D = x.shape[-1]
-    return _run(x.unsqueeze(1).expand(T, K, D).reshape(T * K, D), ids.reshape(-1), bank)  # T may be 0 (a rank idle)
+    return _run(*pair_rows(x, ids), bank)
 
 
 def native_experts(x_sorted: Tensor, p: Plan, bank: ExpertBank) -> Tensor:
-    P = x_sorted.shape[0]
-    if P == 0:
+    if x_sorted.shape[0] == 0:
         return x_sorted.new_empty(0, bank.hidden_size)
-    rows = torch.arange(P, dtype=torch.int32, device=x_sorted.device)
-    expert = torch.searchsorted(p.offsets, rows, right=True).clamp_(max=p.num_experts - 1)  # [P]; dropped rows:
-    # any expert (combine zeroes them)
-    return _run(x_sorted, expert, bank)
+    return _run(x_sorted, row_experts(p, x_sorted.shape[0]), bank)
