@@ -223,6 +223,19 @@ def test_the_native_kernel_names_the_instruction_sets_it_runs_when_asked_for_ano
         torch.ops.moedeploy.expert_ffn(torch.randn(1, 32), torch.tensor([0]), bank.w_in, bank.w_out, "sse9")
 
 
+@pytest.mark.parametrize("bad", [2, 3, -1, 10**8])
+def test_the_native_kernel_refuses_an_expert_the_bank_does_not_hold(bad):
+    """An id past the bank read outside the weights (garbage, NaN, or a crash at 10**8)."""
+    assert native.available(), native.why_not()
+    bank = random_bank(2, 32, 16, gated=True, bias=False, seed=0)
+    with pytest.raises(RuntimeError, match=f"row 1 names expert {bad}; the bank holds 2"):
+        torch.ops.moedeploy.expert_ffn(torch.randn(2, 32), torch.tensor([0, bad]), bank.w_in, bank.w_out)
+    q, s = torch.zeros(2, 32, 32, dtype=torch.int8), torch.ones(2, 32, 1)
+    with pytest.raises(RuntimeError, match=f"row 1 names expert {bad}"):
+        torch.ops.moedeploy.expert_ffn_int8(torch.randn(2, 32), torch.tensor([0, bad]), q, s,
+                                            torch.zeros(2, 32, 16, dtype=torch.int8), torch.ones(2, 32, 1))
+
+
 def test_auto_decodes_with_the_native_kernel_and_it_matches_the_loop():
     """"auto" hands a decode-sized CPU step to the native kernel (no plan), whatever the experts' size; a plan's
     rows through it give the per-pair reference."""

@@ -403,12 +403,16 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& expert, const Rows& in, co
   return y.to(x.scalar_type());
 }
 
-void check_rows(const at::Tensor& x, const at::Tensor& expert) {
+// x [P, D] and one expert per row, each one of the bank's E (a bad id would read outside the weights)
+void check_rows(const at::Tensor& x, const at::Tensor& expert, int64_t E) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "expert_ffn: x must be a contiguous CPU [P, D]");
   TORCH_CHECK(expert.dim() == 1 && expert.is_contiguous() && expert.scalar_type() == at::kLong &&
                   expert.size(0) == x.size(0),
               "expert_ffn: one int64 expert per row");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "expert_ffn takes float32 or bfloat16");
+  const int64_t* e = expert.data_ptr<int64_t>();
+  for (int64_t p = 0; p < expert.size(0); ++p)
+    TORCH_CHECK(e[p] >= 0 && e[p] < E, "expert_ffn: row ", p, " names expert ", e[p], "; the bank holds ", E);
 }
 
 void check_weights(const at::Tensor& w, int64_t E, int64_t N, int64_t K, const char* what) {
@@ -421,8 +425,8 @@ void check_weights(const at::Tensor& w, int64_t E, int64_t N, int64_t K, const c
 // isa: "best", or one of expert_isas() to run a lower one (tests run each)
 at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& expert, const at::Tensor& w_in,
                       const at::Tensor& w_out, c10::string_view isa_name) {
-  check_rows(x, expert);
   const int64_t E = w_in.size(0), D = x.size(1), N = w_in.size(1);
+  check_rows(x, expert, E);
   TORCH_CHECK(N % 2 == 0, "expert_ffn: gated experts have an even first projection");
   check_weights(w_in, E, N, D, "w_in");
   check_weights(w_out, E, D, N / 2, "w_out");
@@ -440,8 +444,8 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& expert, const at::T
 at::Tensor expert_ffn_int8(const at::Tensor& x, const at::Tensor& expert, const at::Tensor& q_in,
                            const at::Tensor& s_in, const at::Tensor& q_out, const at::Tensor& s_out,
                            c10::string_view isa_name) {
-  check_rows(x, expert);
   const int64_t E = q_in.size(0), D = x.size(1), N = q_in.size(1), I = N / 2;
+  check_rows(x, expert, E);
   TORCH_CHECK(N % 2 == 0, "expert_ffn_int8: gated experts have an even first projection");
   TORCH_CHECK(q_in.scalar_type() == at::kChar && q_out.scalar_type() == at::kChar, "expert_ffn_int8: int8 weights");
   check_weights(q_in, E, N, D, "q_in");

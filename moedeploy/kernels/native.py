@@ -51,8 +51,10 @@ _state: dict[str, object] = {}  # "ok": True, or "error": why it could not be bu
 
 
 def _name() -> str:
-    """One build per torch version (the library links against torch's C++ ABI)."""
-    return "moedeploy_experts_" + re.sub(r"\W", "_", torch.__version__)
+    """One build per torch version (the library links against torch's C++ ABI) and source: two checkouts of
+    moedeploy side by side each keep their own, rather than rebuilding over each other's."""
+    source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    return f"moedeploy_experts_{re.sub(r'[^A-Za-z0-9]', '_', torch.__version__)}_{source}"
 
 
 def available() -> bool:
@@ -64,13 +66,11 @@ def available() -> bool:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
             folder = Path(root) / _name()
             folder.mkdir(parents=True, exist_ok=True)
-            stamp, source = folder / "moedeploy.sha256", hashlib.sha256(SOURCE.read_bytes()).hexdigest()
-            if not stamp.exists() or stamp.read_text() != source:  # torch rebuilds when the source changed
+            if not any(folder.glob("*.so")):
                 print("moedeploy: compiling its CPU expert kernel (once per torch version and moedeploy release, "
                       "15-60 s)", file=sys.stderr)
             cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(folder), is_python_module=False, verbose=False)
-            stamp.write_text(source)
             _state["ok"] = True
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
             # say so, keep the other kernels
