@@ -39,24 +39,32 @@ GRAIN = 16384  # an element-wise op over fewer elements runs on one thread: torc
 
 
 def rowwise(fn, t: Tensor) -> Tensor:
-    """fn (element-wise and transcendental: exp, sigmoid, erf...) over t [..., W], each row's result independent of
-    the other rows and of its position. torch computes such a function in vector lanes and the last few elements of
-    a loop one at a time, which round differently; over a contiguous tensor the loop runs across rows, so a row's
-    bits would depend on where it sits, and a budget (rows in slot order, in chunks) would change them. Here every
-    row is its own inner loop: rows kept apart in memory (torch cannot merge them into one), always at least two
-    (a lone row is a plain vector, which some kernels, gelu's, compute another way), and every call under torch's
-    grain (one thread: a thread's share would otherwise start mid-row; rows wider than half the grain excepted).
-    t may have any leading dimensions; the rows are its last one.
-    Arithmetic (+, *, clamp) rounds the same either way and needs none of this. tests/test_experts.py holds torch
-    to it."""
-    W = t.shape[-1]
-    P = t.numel() // W if W else 0  # rows: any leading dimensions
+    """fn (element-wise and transcendental: exp, sigmoid, erf...) over t [..., W], each row's result independent
+    of the other rows and of its position. On a CPU torch computes such a function in vector lanes and the last
+    few elements of a loop one at a time, which round differently; over a contiguous tensor the loop runs across
+    rows, so a row's bits would depend on where it sits, and a budget (rows in slot order, in chunks) would change
+    them. Here every row is its own inner loop: rows kept apart in memory (torch cannot merge them into one),
+    always at least two (a lone row is a plain vector, which some kernels, gelu's, compute another way), every
+    call under torch's grain (one thread: a thread's share would otherwise start mid-row), rows wider than half
+    the grain in fixed column segments. The price: the activation runs on one thread, a block at a time (prefill
+    activations 3-4x slower at 2 threads; docs/benchmarks.md). On CUDA every element runs the same code wherever
+    it sits: fn as it is. Arithmetic (+, *, clamp) rounds the same either way and needs none of this.
+    tests/test_experts.py holds torch to it."""
+    W = t.shape[-1] if t.dim() else 0
+    if t.device.type != "cpu" or t.numel() == 0:
+        return fn(t)
+    P = t.numel() // W  # rows: any leading dimensions
     apart = t.new_zeros(P + 1, W + 1)[:, :W]  # [P + 1, W], row stride W + 1; the last row a spare
     apart[:P].copy_(t.reshape(P, W))
-    rows = max(2, (GRAIN - 1) // max(W, 1))  # a last block of one row is the spare alone
-    if P + 1 <= rows:
+    cols = min(W, (GRAIN - 1) // 2)  # columns per call: two rows of them under the grain
+    rows = max(2, (GRAIN - 1) // cols)  # rows per call; a last block of one row is the spare alone
+    if P + 1 <= rows and cols == W:
         return fn(apart)[:P].view(t.shape)
-    return torch.cat([fn(block) for block in apart.split(rows)])[:P].view(t.shape)
+    out = t.new_empty(P + 1, W)
+    for r in range(0, P + 1, rows):
+        for c in range(0, W, cols):
+            out[r:r + rows, c:c + cols] = fn(apart[r:r + rows, c:c + cols])
+    return out[:P].view(t.shape)
 
 
 def pin_buffers(bank: nn.Module) -> None:

@@ -27,9 +27,10 @@ def _h(P: int, N: int) -> torch.Tensor:
     return torch.randn(P, N, generator=torch.Generator().manual_seed(P * 1000 + N)) * 4
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("name", list(ACTIVATIONS))
-@pytest.mark.parametrize("P, N", [(2, 48), (3, 48), (5, 34), (33, 2 * 24), (1500, 48), (700, 2 * 97)])
+@pytest.mark.parametrize("P, N", [(2, 48), (3, 48), (5, 34), (33, 2 * 24), (1500, 48), (700, 2 * 97),
+                                  (5, 2 * 10240), (3, 40000)])
 def test_a_row_gets_the_same_bits_in_any_order_and_any_chunk(name, P, N, threads):
     act = ACTIVATIONS[name]
     h = _h(P, N)
