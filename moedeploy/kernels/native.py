@@ -7,9 +7,10 @@ weights from the bank, no copy, no per-expert calls),
 
 written for the one thing a decode step needs, reading weights as fast as the memory gives them: inductor's
 loop sums each row in one chain of fused multiply-adds and converts bfloat16 weights two instructions per 8
-(docs/benchmarks.md: 0.44 of the bandwidth in bfloat16 on an AVX2 CPU); this one keeps eight chains in flight
-and unpacks 16 bfloat16 weights in two (AVX2), 32 in two (AVX-512), or multiplies bfloat16 pairs with the CPU's
-own dot-product instruction (AVX512_BF16); `isas()` lists what this CPU runs, best first, and the best runs.
+(docs/benchmarks.md: 0.44 of the bandwidth in bfloat16 on an AVX2 CPU); this one keeps two chains per row in
+flight and unpacks 16 bfloat16 weights in two (AVX2), 32 in two (AVX-512), or multiplies bfloat16 pairs with
+the CPU's own dot-product instruction (AVX512_BF16); `isas()` lists what this CPU runs, best first, and the best
+runs.
 Roundings are eager torch's (h to the weights' dtype, then silu, then the product); sums are in float32, in a
 fixed order per output element, so the bits do not depend on threads, on the other rows of a step or on the
 bank's slot order: a layer under an expert budget gives the resident layer's bits (on one CPU: like torch's
