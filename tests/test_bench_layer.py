@@ -72,7 +72,7 @@ def test_quick_json(quick, capsys):
     report = json.loads(out)
     assert report == json.loads(path.read_text())  # --out wrote the same
     assert {"benchmark", "date", "machine", "config", "settings"} <= report.keys()
-    assert {"cores", "cpu", "torch", "transformers", "torch_threads"} <= report["machine"].keys()
+    assert {"cores", "cpu", "cpu_capability", "torch", "transformers", "torch_threads"} <= report["machine"].keys()
     assert [s["setting"]["name"] for s in report["settings"]] == ["lm", "mt"]
     for s in report["settings"]:
         assert {"static_tokens", "speedup_at_largest", "memory_ratio_min", "hf_ratio_min", "speedup_target_met",

@@ -186,6 +186,7 @@ class SettingReport:
 class Machine:
     cores: int | None
     cpu: str
+    cpu_capability: str  # the vector instructions torch's CPU kernels use here ("AVX512", "AVX2", ...)
     gpu: str
     torch_threads: int
     torch: str
@@ -459,7 +460,8 @@ def machine() -> Machine:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return Machine(cores=os.cpu_count(), cpu=cpu, gpu=gpu, torch_threads=torch.get_num_threads(),
+    return Machine(cores=os.cpu_count(), cpu=cpu, cpu_capability=torch.backends.cpu.get_cpu_capability(), gpu=gpu,
+                   torch_threads=torch.get_num_threads(),
                    torch=torch.__version__, transformers=transformers.__version__,
                    python=platform.python_version(), platform=platform.platform())
 
