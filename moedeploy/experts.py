@@ -48,8 +48,8 @@ def rowwise(fn, t: Tensor) -> Tensor:
     call under torch's grain (one thread: a thread's share would otherwise start mid-row), rows wider than half
     the grain in fixed column segments. The price: the activation runs on one thread, a block at a time (on
     large prompt steps 3-4x slower at 2 threads, the whole step 3-8% slower; docs/benchmarks.md). On CUDA every
-    element runs the same code wherever it sits: fn as it is. Arithmetic (+, *, clamp) rounds the same either way and needs none of this.
-    tests/test_experts.py holds torch to it."""
+    element runs the same code wherever it sits: fn as it is. Arithmetic (+, *, clamp) rounds the same either
+    way and needs none of this. tests/test_experts.py holds torch to it."""
     W = t.shape[-1] if t.dim() else 0
     if t.device.type != "cpu" or t.numel() == 0:
         return fn(t)

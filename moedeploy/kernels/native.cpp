@@ -21,7 +21,9 @@
 // Rows ahead are asked for in software (a bfloat16 row of 2048 inputs is one 4 KiB page, and the hardware's
 // prefetcher stops at each page). AVX2: four rows at a time, the next four asked for where the weights are
 // narrower than float32 (+10-15% on an AVX2 EPYC; float32 gained nothing). AVX-512: one row at a time, two rows
-// ahead asked for (on an AVX-512 EPYC +20% over four rows at a time, and 5-7% over torch.compile's loop).
+// ahead asked for (on an AVX-512 EPYC +20% over four rows at a time, and 5-7% over torch.compile's loop), as
+// non-temporal (a model's decode 0-8% faster there than with T0: the 100-200 MB a layer streams evict less of
+// the model's other code and data).
 // Every output element is summed by one thread in a fixed order, so the bits do not depend on the thread count,
 // on which rows share a step, or on where in a bank an expert sits; they do depend on the instruction set, as
 // torch's own do.
@@ -100,6 +102,7 @@ struct Avx2 {
   static constexpr int kRows = 4;  // rows at once (eight chains in flight)
   template <typename W>
   static constexpr int64_t kAhead = std::is_same_v<W, float> ? 0 : 4;  // rows ahead to prefetch (0: none)
+  static constexpr int kHint = _MM_HINT_T0;
   using V = __m256;
   __attribute__((target("avx2,fma"))) static V zero() { return _mm256_setzero_ps(); }
   __attribute__((target("avx2,fma"))) static float sum(V a, V b) { return hsum(_mm256_add_ps(a, b)); }
@@ -135,6 +138,7 @@ struct Avx512 {
   static constexpr int kRows = 1;  // one row at a time, two rows ahead asked for (see the top)
   template <typename W>
   static constexpr int64_t kAhead = 2;
+  static constexpr int kHint = _MM_HINT_NTA;  // the streamed experts then evict less of the rest of the model
   using V = __m512;
   __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
   __attribute__((target("avx512f"))) static float sum(V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
@@ -169,6 +173,7 @@ struct Avx512Bf16 {
   static constexpr int kRows = 1;
   template <typename W>
   static constexpr int64_t kAhead = 2;
+  static constexpr int kHint = _MM_HINT_NTA;
   using V = __m512;
   __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
   __attribute__((target("avx512f"))) static float sum(V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
@@ -178,10 +183,12 @@ struct Avx512Bf16 {
   }
 };
 
-// Ask for the cache lines that start in bytes [lo, hi) of `rows` rows of `stride` bytes from `next`.
+// Ask for the cache lines that start in bytes [lo, hi) of `rows` rows of `stride` bytes from `next`, with the
+// traits' hint (_MM_HINT_T0: into every cache level; _MM_HINT_NTA: close to the core, sparing the outer caches).
+template <int Hint>
 inline void prefetch(const char* next, int64_t stride, int rows, int64_t lo, int64_t hi) {
   for (int64_t c = (lo + 63) / 64 * 64; c < hi; c += 64)
-    for (int i = 0; i < rows; ++i) _mm_prefetch(next + i * stride + c, _MM_HINT_T0);
+    for (int i = 0; i < rows; ++i) _mm_prefetch(next + i * stride + c, static_cast<_mm_hint>(Hint));
 }
 
 // A loop written once for every instruction set's traits S: the traits' functions carry their instruction set,
@@ -202,7 +209,7 @@ void rows_simd(const W* w, const X* x, float* y, int64_t n0, int64_t n1, int64_t
     const char* next = reinterpret_cast<const char*>(w + (n + ahead) * K);  // the rows `ahead` of these
     const bool fetch = ahead && n + ahead + G <= n1;
     for (int64_t k = 0; k < body; k += B) {
-      if (fetch) prefetch(next, K * sizeof(W), G, k * sizeof(W), (k + B) * sizeof(W));
+      if (fetch) prefetch<S::kHint>(next, K * sizeof(W), G, k * sizeof(W), (k + B) * sizeof(W));
       for (int i = 0; i < G; ++i) S::fma(r[i] + k, x + k, a[i], b[i]);
     }
     for (int i = 0; i < R; ++i) {
@@ -259,7 +266,7 @@ void int8_simd(const int8_t* q, const Sc* s, int64_t G, const float* x, float* y
       typename S::V a[Rows], b[Rows];
       for (int i = 0; i < Rows; ++i) a[i] = b[i] = S::zero();
       for (int64_t k = j * g; k < (j + 1) * g; k += B) {
-        if (fetch) prefetch(reinterpret_cast<const char*>(next), K, Rows, k, k + B);
+        if (fetch) prefetch<S::kHint>(reinterpret_cast<const char*>(next), K, Rows, k, k + B);
         for (int i = 0; i < Rows; ++i) S::fma(r[i] + k, x + k, a[i], b[i]);
       }
       for (int i = 0; i < Rows; ++i) tot[i] = S::scaled(S::add(a[i], b[i]), static_cast<float>(sc[i][j]), tot[i]);
@@ -434,8 +441,8 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& expert, const at::T
               "expert_ffn: x and the weights must share a dtype");
   const Isa isa = isa_named(std::string(isa_name));
   if (x.scalar_type() == at::kBFloat16)
-    return ffn<bf16>(x, expert, FloatRows<bf16>{w_in.data_ptr<bf16>(), isa}, FloatRows<bf16>{w_out.data_ptr<bf16>(), isa},
-                     N);
+    return ffn<bf16>(x, expert, FloatRows<bf16>{w_in.data_ptr<bf16>(), isa},
+                     FloatRows<bf16>{w_out.data_ptr<bf16>(), isa}, N);
   return ffn<float>(x, expert, FloatRows<float>{w_in.data_ptr<float>(), isa},
                     FloatRows<float>{w_out.data_ptr<float>(), isa}, N);
 }
