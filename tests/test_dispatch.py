@@ -256,6 +256,20 @@ def test_auto_decodes_with_the_native_kernel_and_it_matches_the_loop():
         kernels.select("native", random_bank(4, 16, 8, gated=True, bias=True, seed=0))
 
 
+def test_the_kernel_finds_the_ninja_moedeploy_installs_where_path_has_none(monkeypatch):
+    """torch's extension builder runs `ninja` from PATH, and `.venv/bin/python -m ...` does not put the venv's
+    scripts folder there: without a system ninja the build failed ("Ninja is required")."""
+    import os
+    import shutil
+
+    import ninja
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert shutil.which("ninja") is None
+    native._ninja()
+    assert shutil.which("ninja") == os.path.join(ninja.BIN_DIR, "ninja")
+
+
 def test_without_a_compiler_auto_says_so_and_native_is_refused(tmp_path):
     """A machine whose C++ compiler fails (CXX=false, an empty extensions folder): "auto" warns once and decodes
     with the torch.compile kernel; backend="native" is refused with the reason."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -58,11 +59,24 @@ def _name() -> str:
     return f"moedeploy_experts_{re.sub(r'[^A-Za-z0-9]', '_', torch.__version__)}_{source}"
 
 
+def _ninja() -> None:
+    """torch's extension builder runs `ninja` from PATH. The `ninja` package moedeploy depends on installs one into
+    the environment's scripts folder, which is not on PATH when that environment's Python runs unactivated
+    (`.venv/bin/python -m ...`): put it there for this process, where no other ninja is found."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def available() -> bool:
     """Whether the kernel is built and loaded (building it on the first call)."""
     if not _state:
         from torch.utils import cpp_extension
 
+        _ninja()
         try:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
             folder = Path(root) / _name()
@@ -110,7 +124,8 @@ def check(bank: ExpertBank) -> None:
                           "biases on the CPU; use backend='auto' for this model")
     if not available():
         raise OptionError(f"backend 'native' could not be built ({why_not()}); it needs a C++ compiler with OpenMP "
-                          "(g++ and ninja on PATH; torch.compile needs the compiler too); use backend='auto'")
+                          "(g++ on PATH; ninja comes with moedeploy; torch.compile needs the compiler too); "
+                          "use backend='auto'")
 
 
 def warn_unavailable() -> None:
