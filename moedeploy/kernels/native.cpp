@@ -167,16 +167,10 @@ struct Avx512 {
   __attribute__((target("avx512f"))) static V add(V a, V b) { return _mm512_add_ps(a, b); }
 };
 
-// bfloat16 pairs: 32 weights times 32 inputs (both bfloat16, as the inputs are stored for this path) per instruction
-struct Avx512Bf16 {
+// bfloat16 pairs: 32 weights times 32 inputs (both bfloat16, as the inputs are stored for this path) per
+// instruction; rows, prefetching and sums as AVX-512's
+struct Avx512Bf16 : Avx512 {
   static constexpr int64_t kBlock = 64;  // two instructions, one per accumulator
-  static constexpr int kRows = 1;
-  template <typename W>
-  static constexpr int64_t kAhead = 2;
-  static constexpr int kHint = _MM_HINT_NTA;
-  using V = __m512;
-  __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
-  __attribute__((target("avx512f"))) static float sum(V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
   __attribute__((target("avx512f,avx512bf16"))) static void fma(const bf16* w, const bf16* x, V& a, V& b) {
     a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w), (__m512bh)_mm512_loadu_si512(x));
     b = _mm512_dpbf16_ps(b, (__m512bh)_mm512_loadu_si512(w + 32), (__m512bh)_mm512_loadu_si512(x + 32));

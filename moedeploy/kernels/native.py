@@ -79,12 +79,13 @@ def available() -> bool:
         _ninja()
         try:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
-            folder = Path(root) / _name()
+            name = _name()
+            folder = Path(root) / name
             folder.mkdir(parents=True, exist_ok=True)
             if not any(folder.glob("*.so")):
                 print("moedeploy: compiling its CPU expert kernel (once per torch version and moedeploy release, "
                       "15-60 s)", file=sys.stderr)
-            cpp_extension.load(name=_name(), sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
+            cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"],
                                build_directory=str(folder), is_python_module=False, verbose=False)
             _state["ok"] = True
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
