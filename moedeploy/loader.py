@@ -35,6 +35,7 @@ from .options import LoadOptions
 from .placement import ModelShape
 from .quant import QuantizedBank
 from .quant.cache import QuantCache
+from .kernels import native
 from .quant.formats import kernel as quant_kernel
 from .quant.ondisk import Dequantizing, format_of
 from .quant.prequantized import PrequantizedBank
@@ -143,7 +144,7 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         if opts.buffered:  # only the slots go to the device; on CUDA the host copy is pinned
             experts.keep_on_host(pin=opts.device.type == "cuda")
     if opts.quant is not None:
-        experts.kernel = quant_kernel(opts.quant, opts.device)  # stats() names what runs
+        experts.kernel = quant_kernel(opts.quant, opts.device, native.every_step(experts))  # stats() names what runs
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate, parallel=parallel)
     layer.store = store
@@ -218,10 +219,12 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     dtype = _resolve_dtype(config, opts.dtype)
     if opts.expert_store is None:
         opts = replace(opts, expert_store=default_store(opts.device, opts.buffered, prequantized=fmt is not None))
-    if opts.quant is not None and dtype == torch.float32 and opts.device.type == "cpu":
-        warnings.warn("quantized experts in a float32 model: torch's int8/int4 CPU kernels take a scalar path for "
-                      "float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load with "
-                      "dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)
+    torch_kernel = opts.quant is not None and (opts.quant.dtype == "int8" or opts.quant.layout == "cpu")  # int4
+    # in the "plain" layout runs moedeploy's native kernel on the CPU, whatever the model's dtype
+    if torch_kernel and dtype == torch.float32 and opts.device.type == "cpu":
+        warnings.warn(f"{opts.quant.dtype} experts in a float32 model: torch's {opts.quant.dtype} CPU kernel takes a "
+                      "scalar path for float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load "
+                      "with dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with torch.device("meta"):

@@ -52,9 +52,10 @@ def test_each_kernel_matches_its_reference_on_odd_shapes(fmt, group, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("isa", ["avx512_bf16", "avx512", "avx2", "portable"])
 def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, isa):
-    """moedeploy's C++ decode kernel over int8 experts (each instruction set this CPU runs) against the FFN of the
-    weights they stand for, 1..33 rows; groups of whole rows, of 16 and 32 inputs (AVX2's block, AVX-512's), and
-    of 8 (the plain loops run); one output rounding in bfloat16 apart at most."""
+    """moedeploy's C++ decode kernel over int8 experts (each float instruction set this CPU runs; the integer
+    path has its own test) against the FFN of the weights they stand for, 1..33 rows; groups of whole rows, of 16
+    and 32 inputs (AVX2's block, AVX-512's), and of 8 (the plain loops run); one output rounding in bfloat16
+    apart at most."""
     from moedeploy.experts import Activation
     from moedeploy.kernels import native
 
@@ -79,6 +80,107 @@ def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, isa):
             _close(got, want, dtype)
             if dtype == torch.bfloat16:  # tighter than TOLERANCE: the bfloat16 loop itself is ~4e-3 off float32
                 assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) <= 8e-3
+
+
+def _integer_path():
+    from moedeploy.kernels import native
+
+    assert native.available(), native.why_not()
+    if not native.integer():
+        pytest.skip(f"this CPU has no AVX512-VNNI (the kernel runs {', '.join(native.isas())})")
+
+
+def _quantized_bank(fmt, E, D, I, group, dtype, generator):
+    """Random experts quantized as `fmt` ("int8" or "int4", the "plain" layout): the op's tensors, and the float
+    weights they stand for [E, N, K]."""
+    w_in, w_out = torch.randn(E, 2 * I, D, generator=generator), torch.randn(E, D, I, generator=generator)
+    tensors, deq = [], []
+    for w, K in ((w_in, D), (w_out, I)):
+        if fmt == "int8":
+            q, s = (torch.stack(t) for t in zip(*(quantize_int8(m, group or K) for m in w)))
+            tensors += [q, s.to(dtype)]
+            deq.append(torch.stack([dequantize_int8(a, b) for a, b in zip(q, s.to(dtype))]))
+        else:
+            q, z = zip(*(quantize_int4(m, group) for m in w))
+            z = torch.stack(z).to(dtype).contiguous()
+            tensors += [torch.stack([pack_int4(a, "plain") for a in q]), z]
+            deq.append(torch.stack([dequantize_int4(a, b) for a, b in zip(q, z)]))
+    return tensors, deq
+
+
+def _ffn(x, expert, deq, dtype, inputs=lambda t: t.float()):
+    """Each row's SiLU-gated FFN over the float weights, roundings as eager torch in `dtype`, `inputs` applied to
+    what each projection multiplies."""
+    rows = []
+    for p, e in enumerate(expert.tolist()):
+        h = torch.nn.functional.linear(inputs(x[p:p + 1]), deq[0][e].float()).to(dtype)
+        gate, up = h.chunk(2, dim=-1)
+        a = (torch.nn.functional.silu(gate) * up).to(dtype)
+        rows.append(torch.nn.functional.linear(inputs(a), deq[1][e].float()).to(dtype))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype):
+    """The native kernel's integer path (AVX512-VNNI: int8 inputs, 32 to a scale, times int8 or int4 weights)
+    against the FFN of the weights it stands for with the inputs quantized the same way (`quantize_inputs`):
+    equal up to float32's sums (and one bfloat16 rounding); against the unquantized inputs, off by the inputs'
+    quantization (about 1% of the largest output here). Groups of 32, 64, 128 inputs and of whole rows; 1..33
+    rows."""
+    from moedeploy.quant.formats import quantize_inputs
+
+    _integer_path()
+    op = {"int8": torch.ops.moedeploy.expert_ffn_int8, "int4": torch.ops.moedeploy.expert_ffn_int4}[fmt]
+    shapes = [(3, 64, 64, 32), (2, 128, 64, 64), (4, 256, 128, 128)] + ([(3, 192, 128, None)] if fmt == "int8" else [])
+    for E, D, I, group in shapes:
+        g = torch.Generator().manual_seed(D + I)
+        tensors, deq = _quantized_bank(fmt, E, D, I, group, dtype, g)
+        for P in (1, 2, 7, 16, 33):
+            x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
+            got = op(x, expert, *tensors)
+            want = _ffn(x, expert, deq, dtype, quantize_inputs)
+            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+            assert err <= (1e-5 if dtype == torch.float32 else 8e-3), (E, D, I, group, P, err)
+            plain = _ffn(x, expert, deq, dtype)
+            off = ((got.float() - plain.float()).abs().max() / plain.float().abs().max()).item()
+            assert 0 < off <= 4e-2, (E, D, I, group, P, off)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_integer_path_bits_do_not_depend_on_threads_rows_or_slots(fmt):
+    _integer_path()
+    op = {"int8": torch.ops.moedeploy.expert_ffn_int8, "int4": torch.ops.moedeploy.expert_ffn_int4}[fmt]
+    g = torch.Generator().manual_seed(5)
+    tensors, _ = _quantized_bank(fmt, 4, 128, 128, 64, torch.bfloat16, g)
+    x, expert = torch.randn(9, 128, generator=g).bfloat16(), torch.randint(0, 4, (9,), generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = op(x, expert, *tensors)
+        torch.set_num_threads(2)
+        two = op(x, expert, *tensors)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(torch.cat([op(x[p:p + 1], expert[p:p + 1], *tensors) for p in range(9)]), one)
+    where = torch.tensor([2, 0, 3, 1])  # the bank's experts in other slots
+    slot = torch.argsort(where)[expert]
+    assert torch.equal(op(x, slot, *(t[where].contiguous() for t in tensors)), one)
+
+
+def test_the_int4_kernel_refuses_groups_and_shapes_it_does_not_take():
+    _integer_path()
+    g = torch.Generator().manual_seed(0)
+    tensors, _ = _quantized_bank("int4", 2, 128, 64, 64, torch.float32, g)
+    x, expert = torch.randn(1, 128), torch.tensor([1])
+    with pytest.raises(RuntimeError, match="scales in x's dtype"):
+        torch.ops.moedeploy.expert_ffn_int4(x.bfloat16(), expert, *tensors)
+    p_in, z_in, p_out, z_out = tensors
+    with pytest.raises(RuntimeError, match="scales and zeros"):
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, z_in[:, :, :64], p_out, z_out)
+    with pytest.raises(RuntimeError, match="names expert 2; the bank holds 2"):
+        torch.ops.moedeploy.expert_ffn_int4(x, torch.tensor([2]), *tensors)
 
 
 def test_int8_groups_add_up_in_float32():
@@ -210,6 +312,9 @@ def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
 
 
 def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off_the_cpu():
+    """int4 takes the "plain" layout off the CPU, and on a CPU where the native kernel's integer path runs (it
+    multiplies that layout); elsewhere torch's CPU kernel's packing."""
+    from moedeploy.kernels import native
     from moedeploy.quant.formats import QuantSpec, for_device, kernel, unpack_int4
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
@@ -217,11 +322,39 @@ def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off
     assert kernel(QuantSpec("int4"), cpu) == "int4: torch._weight_int4pack_mm_for_cpu"
     assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), gpu)
     assert for_device(QuantSpec("int4", 32), gpu) == QuantSpec("int4", 32, "plain")
-    assert for_device(QuantSpec("int4"), cpu).layout == for_device(QuantSpec("int8"), gpu).layout == "cpu"
+    assert for_device(QuantSpec("int8"), cpu).layout == for_device(QuantSpec("int8"), gpu).layout == "cpu"
+    assert for_device(QuantSpec("int4"), cpu).layout == ("plain" if native.integer() else "cpu")
     q = torch.randint(0, 16, (8, 64), dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(q, "plain")).int(), q)
     with pytest.raises(OptionError, match="int8 only 'cpu'"):
         QuantSpec("int8", layout="plain")
+
+
+@pytest.mark.parametrize("store", [None, "host", "disk"])
+def test_int4_on_the_integer_path_is_near_its_reference_and_exact_under_budgets(tiny, store):
+    """int4 experts whose shapes the native kernel takes (inputs multiples of 64) run it on every step: the stats
+    say so, the logits are within the inputs' quantization of the dequantized reference, and under budgets they
+    are bit-identical to the model resident (prompt and decode steps)."""
+    _integer_path()
+    path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=64)
+    ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    gen = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        resident = load(path, dtype="bfloat16", expert_dtype="int4")
+        assert resident.moedeploy.stats()["expert_kernel"] == [
+            "int4: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"]
+        want, decoded = resident(ids).logits, resident.generate(ids[:1, :4], **gen)
+        if store is None:
+            ref = _dequantized_reference(path, QuantSpec("int4")).to(torch.bfloat16)(ids).logits
+            err = ((want.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            assert 0 < err <= 5e-2, err
+            return
+        for budget in (0.25, 0.5):
+            model = load(path, dtype="bfloat16", expert_dtype="int4", expert_memory=budget, expert_store=store)
+            assert torch.equal(model(ids).logits, want), budget
+            got = model.generate(ids[:1, :4], **gen)
+            assert all(torch.equal(a, b) for a, b in zip(got.logits, decoded.logits)), budget
+            assert model.moedeploy.cache_stats()["misses"] > 0
 
 
 @pytest.mark.parametrize("store", ["host", "disk"])
@@ -230,7 +363,6 @@ def test_int4_in_the_plain_layout_equals_its_reference_and_stays_exact_under_bud
     under budgets it is bit-identical to it resident, and its disk cache is its own, not the CPU layout's."""
     import moedeploy.api
     from moedeploy.quant.cache import QuantCache
-    from moedeploy.quant.formats import for_device
 
     path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=32)
     monkeypatch.setattr(moedeploy.api, "for_device", lambda spec, device: QuantSpec(spec.dtype, spec.group_size,
@@ -248,7 +380,7 @@ def test_int4_in_the_plain_layout_equals_its_reference_and_stays_exact_under_bud
             assert torch.equal(model(ids).logits, want), budget
             assert model.moedeploy.cache_stats()["misses"] > 0
     plain, packed = (QuantCache(path, QuantSpec("int4", 32, layout), torch.float32) for layout in ("plain", "cpu"))
-    assert plain.dir != packed.dir and for_device(QuantSpec("int4"), torch.device("cpu")).layout == "cpu"
+    assert plain.dir != packed.dir
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu-check.sh)")

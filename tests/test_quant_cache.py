@@ -227,16 +227,24 @@ def test_an_unwritable_cache_folder_is_a_clear_error(tiny, cache_dir, monkeypatc
         _disk(tiny("qwen3_moe", **SMALL))
 
 
-def test_an_int4_cache_packed_for_another_cpu_is_not_read(own_copy, cache_dir):
+def test_an_int4_cache_packed_for_another_cpu_is_not_read(own_copy, cache_dir, monkeypatch):
     """torch's CPU int4 packing follows the instruction set it runs with (and may change with torch): a cache
     packed under one is never read under another (a shared home folder, an upgraded torch), and each gives the
-    resident model's logits. Here the second process runs torch's portable kernels (ATEN_CPU_CAPABILITY)."""
+    resident model's logits. Here the second process runs torch's portable kernels (ATEN_CPU_CAPABILITY). Both
+    take torch's packing (the "cpu" layout) even where the native kernel's "plain" one would be chosen."""
     import subprocess
     import sys
 
+    import moedeploy.api
+    from moedeploy.quant import QuantSpec
+
+    monkeypatch.setattr(moedeploy.api, "for_device", lambda spec, device: QuantSpec(spec.dtype, spec.group_size, "cpu"))
     assert torch.equal(_logits(_disk(own_copy, "int4")), _logits(load(own_copy, dtype="float32", expert_dtype="int4")))
     script = ("import sys, torch\n"
+              "import moedeploy.api\n"
               "from moedeploy import load\n"
+              "from moedeploy.quant import QuantSpec\n"
+              "moedeploy.api.for_device = lambda spec, device: QuantSpec(spec.dtype, spec.group_size, 'cpu')\n"
               "ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(3))\n"
               "kw = dict(dtype='float32', expert_dtype='int4')\n"
               "with torch.inference_mode():\n"

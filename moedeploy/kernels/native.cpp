@@ -6,7 +6,9 @@
 //     y[p] = w_out[e_p] @ a[p]            [P, D]
 //
 // over float32 or bfloat16 weights (`expert_ffn`), or int8 weights with a scale per row and group of inputs
-// (`expert_ffn_int8`: quant/formats.py's int8; each group's sum is scaled, then added, all in float32).
+// (`expert_ffn_int8`: quant/formats.py's int8; each group's sum is scaled, then added, all in float32), or int4
+// weights in the "plain" layout (`expert_ffn_int4`). On a CPU with AVX512-VNNI the quantized experts multiply
+// int8-quantized inputs instead (the integer path, below).
 //
 // A matrix-vector product reads its weights once, so it runs at the memory's speed only if the arithmetic keeps
 // up. The inner loop keeps each row's sum in two independent accumulators (a single chain of fused multiply-adds
@@ -18,6 +20,7 @@
 //                the odd ones, against an input vector deinterleaved once per row (`split`)
 //   avx2         the same with 8 lanes (16 bfloat16 at a time)
 //   portable     plain C++ loops (a CPU without AVX2)
+//   avx512_vnni  quantized experts only: the integer path (int8 or int4 weights times int8 inputs)
 // Rows ahead are asked for in software (a bfloat16 row of 2048 inputs is one 4 KiB page, and the hardware's
 // prefetcher stops at each page). AVX2: four rows at a time, the next four asked for where the weights are
 // narrower than float32 (+10-15% on an AVX2 EPYC; float32 gained nothing). AVX-512: one row at a time, two rows
@@ -49,25 +52,45 @@ using bf16 = c10::BFloat16;
 
 constexpr int64_t kChunk = 64;  // output rows per task handed to a thread
 
-enum class Isa { portable, avx2, avx512, avx512_bf16 };  // in order: each runs where the next one does
+// Float paths, in order (each runs where the next one does), then the quantized experts' integer path.
+enum class Isa { portable, avx2, avx512, avx512_bf16, avx512_vnni };
 
-const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16"};
+const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "avx512_vnni"};
 
-Isa best_isa() {
-  static const Isa best = [] {
-    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return Isa::portable;
-    if (!__builtin_cpu_supports("avx512f")) return Isa::avx2;
-    return __builtin_cpu_supports("avx512bf16") ? Isa::avx512_bf16 : Isa::avx512;
-  }();
-  return best;
+bool runs(Isa isa) {
+  switch (isa) {
+    case Isa::portable: return true;
+    case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case Isa::avx512: return runs(Isa::avx2) && __builtin_cpu_supports("avx512f");
+    case Isa::avx512_bf16: return runs(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+    case Isa::avx512_vnni:
+      return runs(Isa::avx512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  }
+  return false;
 }
 
-Isa isa_named(const std::string& name) {
-  if (name == "best") return best_isa();
-  for (int i = 0; i <= static_cast<int>(best_isa()); ++i)
-    if (name == kIsaNames[i]) return static_cast<Isa>(i);
-  TORCH_CHECK(false, "expert_ffn: isa '", name, "' is not one this CPU runs; it runs: ",
-              c10::Join(", ", std::vector<std::string>(kIsaNames, kIsaNames + static_cast<int>(best_isa()) + 1)));
+std::vector<std::string> expert_isas() {  // best first
+  std::vector<std::string> names;
+  for (int i = static_cast<int>(Isa::avx512_vnni); i >= 0; --i)
+    if (runs(static_cast<Isa>(i))) names.emplace_back(kIsaNames[i]);
+  return names;
+}
+
+// "best": the best float path, or for quantized experts the integer one where the CPU has it.
+Isa isa_named(const std::string& name, bool quantized) {
+  if (name == "best") {
+    if (quantized && runs(Isa::avx512_vnni)) return Isa::avx512_vnni;
+    for (int i = static_cast<int>(Isa::avx512_bf16); i > 0; --i)
+      if (runs(static_cast<Isa>(i))) return static_cast<Isa>(i);
+    return Isa::portable;
+  }
+  for (int i = 0; i <= static_cast<int>(Isa::avx512_vnni); ++i)
+    if (name == kIsaNames[i] && runs(static_cast<Isa>(i))) {
+      TORCH_CHECK(quantized || i != static_cast<int>(Isa::avx512_vnni),
+                  "expert_ffn: isa 'avx512_vnni' multiplies quantized experts; float experts run the others");
+      return static_cast<Isa>(i);
+    }
+  TORCH_CHECK(false, "expert_ffn: isa '", name, "' is not one this CPU runs; it runs: ", c10::Join(", ", expert_isas()));
 }
 
 template <typename W>
@@ -284,6 +307,197 @@ void int8_portable(const int8_t* q, const Sc* s, int64_t G, const float* x, floa
   }
 }
 
+// --- quantized experts times quantized inputs (AVX512-VNNI) ------------------------------------------------------
+//
+// The products of int8 or int4 weights with int8 inputs, 64 per instruction (vpdpbusd: unsigned bytes times
+// signed bytes, summed in fours into 16 int32 lanes), as llama.cpp's Q8_0 and Q4 dot products are. Each input row
+// is quantized per block of 32 inputs, d = max|x| / 127 and xq = round(x / d) (quant/formats.py
+// `quantize_inputs` is the reference), and a row's sum is, in float32,
+//     sum over groups j of s[j] * (sum over the group's blocks b of d[b] * (q . xq)[b])   (+ int4's zero term)
+//   int8: q + 128 is the unsigned operand (one xor); the 128 * xq it adds is taken off by starting each sum at
+//         -128 * (the lane's inputs' sum), kept with the prepared row
+//   int4: the "plain" layout's nibbles (0..15) are the unsigned operand: w = q * s + (zero - 8 s), so a row also
+//         adds sum over groups of (zero - 8 s) * (the group's sum of d * xq)
+// Every group is 32 inputs or a multiple of 64. A 64-input step's lanes hold inputs of both its 32-input blocks:
+// lanes 8-15 the second for int8 (bytes in order); for int4, whose step unpacks the low nibbles (even inputs) to
+// bytes 0-31 and the high ones (odd inputs) to 32-63, lanes 4-7 and 12-15.
+
+constexpr int64_t kVec = 64;     // inputs per instruction
+constexpr int64_t kXBlock = 32;  // inputs per input scale
+constexpr int64_t kAheadBytes = 8192;  // how far ahead the weights are asked for (two 4 KiB pages)
+constexpr int kQRows = 4;    // rows at once: the input's loads shared, four sums in flight
+
+// One input row, prepared in the row's float32 buffer (4K bytes; this takes 3K + 4G):
+struct QInput {
+  int8_t* q;      // [K] xq, in the weights' byte order (int4: per 64 inputs, the even ones then the odd ones)
+  int32_t* bias;  // [K / 64, 16] int8: -128 * the sum of each lane's four xq
+  float* d;       // [K / 64, 16] each lane's d
+  float* sum;     // [G] int4: each group's d * xq summed, in float32
+};
+
+QInput input_view(const float* buffer, int64_t K) {
+  char* b = const_cast<char*>(reinterpret_cast<const char*>(buffer));
+  return {reinterpret_cast<int8_t*>(b), reinterpret_cast<int32_t*>(b + K), reinterpret_cast<float*>(b + 2 * K),
+          reinterpret_cast<float*>(b + 3 * K)};
+}
+
+// Quantize x [K] into `buffer` for int8 weights (nibbles false) or int4 ones, groups of g inputs.
+void quantize_input(const float* x, float* buffer, int64_t K, int64_t g, bool nibbles) {
+  const QInput in = input_view(buffer, K);
+  if (nibbles) std::fill(in.sum, in.sum + K / g, 0.0f);
+  float d[kVec / kXBlock];
+  int8_t q[kVec];
+  for (int64_t k0 = 0; k0 < K; k0 += kVec) {
+    for (int64_t h = 0; h < kVec / kXBlock; ++h) {  // the step's two blocks
+      const float* xb = x + k0 + h * kXBlock;
+      float amax = 0;
+      for (int64_t j = 0; j < kXBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+      d[h] = amax / 127.0f;
+      int32_t total = 0;
+      for (int64_t j = 0; j < kXBlock; ++j) {
+        q[h * kXBlock + j] = static_cast<int8_t>(d[h] > 0 ? std::clamp(std::nearbyint(xb[j] / d[h]), -127.0f, 127.0f) : 0);
+        total += q[h * kXBlock + j];
+      }
+      // int4's zero term takes the sum of the inputs the codes see, d * xq (with x's own sum it would add the
+      // inputs' rounding errors times the zero point, 8 steps)
+      if (nibbles) in.sum[(k0 + h * kXBlock) / g] += d[h] * static_cast<float>(total);
+    }
+    int8_t* out = in.q + k0;
+    for (int64_t j = 0; j < kVec; ++j)  // byte j holds input `j` (int8), or input 2j / 2(j - 32) + 1 (int4)
+      out[j] = nibbles ? q[j < kVec / 2 ? 2 * j : 2 * (j - kVec / 2) + 1] : q[j];
+    const int64_t b = k0 / kVec;
+    for (int lane = 0; lane < 16; ++lane) {
+      in.d[16 * b + lane] = d[nibbles ? (lane % 8) / 4 : lane / 8];
+      int32_t lane_sum = 0;
+      for (int j = 0; j < 4; ++j) lane_sum += out[4 * lane + j];
+      in.bias[16 * b + lane] = -128 * lane_sum;
+    }
+  }
+}
+
+// The cache lines that start in bytes [lo, hi) of kQRows rows of `bytes` from `next`
+inline void prefetch_step(const char* next, int64_t bytes, int64_t lo, int64_t hi) {
+  prefetch<_MM_HINT_T0>(next, bytes, kQRows, lo, hi);
+}
+
+constexpr int kQBlock = 16;  // rows whose scales (and int4's zero terms) are read together, as float32
+
+// int8 weights q [N, K] with scales s [N, G]
+template <typename Sc>
+struct Int8Weights {
+  static constexpr __mmask16 kSecond = 0xFF00;  // the lanes of a step's second block
+  const int8_t* q;
+  const Sc* s;
+  int64_t G, N, K;
+  int64_t row_bytes() const { return K; }
+  const int8_t* row(int64_t n) const { return q + n * K; }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(const int8_t* r, int64_t k,
+                                                                           const QInput& x, __m512i xq) {
+    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(r + k), _mm512_set1_epi8(static_cast<char>(0x80)));
+    return _mm512_dpbusd_epi32(_mm512_loadu_si512(x.bias + k / 4), u, xq);
+  }
+  // rows [n, n + 16): scale[j * 16 + i] = s[n + i, j]; no zero term
+  void block(int64_t n, const QInput&, float* scale, float* offset) const {
+    for (int i = 0; i < kQBlock; ++i) {
+      offset[i] = 0;
+      for (int64_t j = 0; j < G; ++j) scale[j * kQBlock + i] = static_cast<float>(s[(n + i) * G + j]);
+    }
+  }
+};
+
+// int4 weights, "plain" layout: p [N, K / 2] (input 2i in byte i's low nibble, 2i + 1 in its high one), scales
+// and zeros z [G, N, 2] (torch's int4 kernel's layout: sixteen rows' pairs of a group are 64 bytes in bfloat16)
+template <typename Sc>
+struct Int4Weights {
+  static constexpr __mmask16 kSecond = 0xF0F0;
+  const uint8_t* p;
+  const Sc* z;
+  int64_t G, N, K;
+  int64_t row_bytes() const { return K / 2; }
+  const uint8_t* row(int64_t n) const { return p + n * (K / 2); }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(const uint8_t* r, int64_t k,
+                                                                           const QInput&, __m512i xq) {
+    const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k / 2)));
+    const __m512i v = _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)),
+                                       _mm512_set1_epi8(0x0F));  // low nibbles in bytes 0-31, high in 32-63
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xq);
+  }
+  // rows [n, n + 16): scale[j * 16 + i] and offset[i] = sum over groups j of (zero - 8 scale) * x.sum[j]
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) void block(int64_t n, const QInput& x, float* scale,
+                                                                    float* offset) const {
+    if constexpr (std::is_same_v<Sc, bf16>) {
+      __m512 off = _mm512_setzero_ps();
+      for (int64_t j = 0; j < G; ++j) {
+        const __m512i v = _mm512_loadu_si512(z + 2 * (j * N + n));  // 16 (scale, zero) pairs
+        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+        const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+        _mm512_storeu_ps(scale + j * kQBlock, sc);
+        off = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, zero), _mm512_set1_ps(x.sum[j]), off);
+      }
+      _mm512_storeu_ps(offset, off);
+    } else {
+      for (int i = 0; i < kQBlock; ++i) offset[i] = 0;
+      for (int64_t j = 0; j < G; ++j)
+        for (int i = 0; i < kQBlock; ++i) {
+          const float sc = static_cast<float>(z[2 * (j * N + n + i)]), zero = static_cast<float>(z[2 * (j * N + n + i) + 1]);
+          scale[j * kQBlock + i] = sc;
+          offset[i] = std::fma(zero - 8.0f * sc, x.sum[j], offset[i]);
+        }
+    }
+  }
+};
+
+// Rows [n0, n1) of w times the prepared input (n0 and n1 multiples of 16), four at a time: per group j, each
+// row's steps summed, d per lane, then times the row's scale into its total; groups of 32 inputs share a step,
+// their two scales across its lanes.
+template <typename W>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(const W& w, const float* buffer,
+                                                                                float* y, int64_t n0, int64_t n1) {
+  const QInput x = input_view(buffer, w.K);
+  const int64_t K = w.K, G = w.G, g = K / G, bytes = w.row_bytes();
+  const int64_t ahead = std::max<int64_t>(kQRows, kAheadBytes / bytes / kQRows * kQRows);
+  std::vector<float> scale(G * kQBlock);
+  float offset[kQBlock];
+  for (int64_t b = n0; b < n1; b += kQBlock) {
+    w.block(b, x, scale.data(), offset);
+    for (int64_t n = b; n < b + kQBlock; n += kQRows) {
+      const bool fetch = n + ahead + kQRows <= w.N;
+      const char* next = reinterpret_cast<const char*>(w.row(n + ahead));  // the rows `ahead` of these, asked
+      // for a line at a time along with the steps that read these rows' same bytes
+      const float* sc = scale.data() + (n - b);  // row n + i's group j at sc[j * 16 + i]
+      __m512 tot[kQRows];
+      for (int i = 0; i < kQRows; ++i) tot[i] = _mm512_setzero_ps();
+      if (g == kXBlock) {
+        for (int64_t k = 0; k < K; k += kVec) {
+          if (fetch) prefetch_step(next, bytes, k * bytes / K, (k + kVec) * bytes / K);
+          const __m512i xq = _mm512_loadu_si512(x.q + k);
+          const __m512 d = _mm512_loadu_ps(x.d + k / 4);
+          const float* s0 = sc + k / kXBlock * kQBlock;
+          for (int i = 0; i < kQRows; ++i) {
+            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(W::dot(w.row(n + i), k, x, xq)), d);
+            const __m512 s = _mm512_mask_blend_ps(W::kSecond, _mm512_set1_ps(s0[i]), _mm512_set1_ps(s0[kQBlock + i]));
+            tot[i] = _mm512_fmadd_ps(t, s, tot[i]);
+          }
+        }
+      } else {
+        for (int64_t j = 0; j < G; ++j) {
+          __m512 acc[kQRows];
+          for (int i = 0; i < kQRows; ++i) acc[i] = _mm512_setzero_ps();
+          for (int64_t k = j * g; k < (j + 1) * g; k += kVec) {
+            if (fetch) prefetch_step(next, bytes, k * bytes / K, (k + kVec) * bytes / K);
+            const __m512i xq = _mm512_loadu_si512(x.q + k);
+            const __m512 d = _mm512_loadu_ps(x.d + k / 4);
+            for (int i = 0; i < kQRows; ++i)
+              acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(W::dot(w.row(n + i), k, x, xq)), d, acc[i]);
+          }
+          for (int i = 0; i < kQRows; ++i) tot[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(sc[j * kQBlock + i]), tot[i]);
+        }
+      }
+      for (int i = 0; i < kQRows; ++i) y[n + i] = _mm512_reduce_add_ps(tot[i]) + offset[n - b + i];
+    }
+  }
+}
+
 // --- each instruction set's entry points --------------------------------------------------------------------------
 
 template <typename W>
@@ -354,14 +568,36 @@ struct Int8Rows {
   const Sc* s;
   int64_t G;
   Isa isa;
-  void prepare(const float* row, float* out, int64_t K) const { std::copy(row, row + K, out); }
+  int64_t N;  // output rows
+  // the integer path where it applies: AVX512-VNNI, groups of 32 or multiples of 64 inputs, rows in sixteens
+  bool integer(int64_t K) const {
+    const int64_t g = K / G;
+    return isa == Isa::avx512_vnni && K % kVec == 0 && (g == kXBlock || g % kVec == 0) && N % kQBlock == 0;
+  }
+  void prepare(const float* row, float* out, int64_t K) const {
+    if (integer(K)) return quantize_input(row, out, K, K / G, false);
+    std::copy(row, row + K, out);
+  }
   void operator()(int64_t e, const float* x, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
     const int8_t* qe = q + e * N * K;
     const Sc* se = s + e * N * G;
     const int64_t g = K / G;
+    if (integer(K)) return rows_vnni(Int8Weights<Sc>{qe, se, G, N, K}, x, y, n0, n1);
     if (isa >= Isa::avx512 && g % Avx512::kBlock == 0) return int8_avx512<Sc>(qe, se, G, x, y, n0, n1, K);
     if (isa >= Isa::avx2 && g % Avx2::kBlock == 0) return int8_avx2<Sc>(qe, se, G, x, y, n0, n1, K);
     int8_portable<Sc>(qe, se, G, x, y, n0, n1, K);
+  }
+};
+
+// int4 experts ("plain" layout), AVX512-VNNI only: p [E, N, K / 2], z [E, G, N, 2]
+template <typename Sc>
+struct Int4Rows {
+  const uint8_t* p;
+  const Sc* z;
+  int64_t G;
+  void prepare(const float* row, float* out, int64_t K) const { quantize_input(row, out, K, K / G, true); }
+  void operator()(int64_t e, const float* x, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
+    rows_vnni(Int4Weights<Sc>{p + e * N * K / 2, z + e * G * N * 2, G, N, K}, x, y, n0, n1);
   }
 };
 
@@ -433,7 +669,7 @@ at::Tensor expert_ffn(const at::Tensor& x, const at::Tensor& expert, const at::T
   check_weights(w_out, E, D, N / 2, "w_out");
   TORCH_CHECK(x.scalar_type() == w_in.scalar_type() && w_in.scalar_type() == w_out.scalar_type(),
               "expert_ffn: x and the weights must share a dtype");
-  const Isa isa = isa_named(std::string(isa_name));
+  const Isa isa = isa_named(std::string(isa_name), false);
   if (x.scalar_type() == at::kBFloat16)
     return ffn<bf16>(x, expert, FloatRows<bf16>{w_in.data_ptr<bf16>(), isa},
                      FloatRows<bf16>{w_out.data_ptr<bf16>(), isa}, N);
@@ -457,19 +693,44 @@ at::Tensor expert_ffn_int8(const at::Tensor& x, const at::Tensor& expert, const 
   TORCH_CHECK(G_in > 0 && G_out > 0 && D % G_in == 0 && I % G_out == 0, "expert_ffn_int8: groups must divide the inputs");
   TORCH_CHECK(s_in.scalar_type() == x.scalar_type() && s_out.scalar_type() == x.scalar_type(),
               "expert_ffn_int8: scales in x's dtype");
-  const Isa isa = isa_named(std::string(isa_name));
+  const Isa isa = isa_named(std::string(isa_name), true);
   const int8_t *qi = q_in.data_ptr<int8_t>(), *qo = q_out.data_ptr<int8_t>();
   if (x.scalar_type() == at::kBFloat16)
-    return ffn<bf16>(x, expert, Int8Rows<bf16>{qi, s_in.data_ptr<bf16>(), G_in, isa},
-                     Int8Rows<bf16>{qo, s_out.data_ptr<bf16>(), G_out, isa}, N);
-  return ffn<float>(x, expert, Int8Rows<float>{qi, s_in.data_ptr<float>(), G_in, isa},
-                    Int8Rows<float>{qo, s_out.data_ptr<float>(), G_out, isa}, N);
+    return ffn<bf16>(x, expert, Int8Rows<bf16>{qi, s_in.data_ptr<bf16>(), G_in, isa, N},
+                     Int8Rows<bf16>{qo, s_out.data_ptr<bf16>(), G_out, isa, D}, N);
+  return ffn<float>(x, expert, Int8Rows<float>{qi, s_in.data_ptr<float>(), G_in, isa, N},
+                    Int8Rows<float>{qo, s_out.data_ptr<float>(), G_out, isa, D}, N);
 }
 
-std::vector<std::string> expert_isas() {  // best first
-  std::vector<std::string> names;
-  for (int i = static_cast<int>(best_isa()); i >= 0; --i) names.emplace_back(kIsaNames[i]);
-  return names;
+// int4 experts in the "plain" layout: p [E, N, K / 2] uint8 and z [E, K / g, N, 2] scales and zeros in x's
+// dtype, for each projection; inputs quantized to int8 (AVX512-VNNI).
+at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const at::Tensor& p_in,
+                           const at::Tensor& z_in, const at::Tensor& p_out, const at::Tensor& z_out) {
+  TORCH_CHECK(runs(Isa::avx512_vnni), "expert_ffn_int4 needs AVX512-VNNI; this CPU runs: ",
+              c10::Join(", ", expert_isas()));
+  const int64_t E = p_in.size(0), D = x.size(1), N = p_in.size(1), I = N / 2;
+  check_rows(x, expert, E);
+  TORCH_CHECK(N % 2 == 0 && D % kVec == 0 && I % kVec == 0,
+              "expert_ffn_int4: gated experts whose inputs are multiples of 64");
+  TORCH_CHECK(p_in.scalar_type() == at::kByte && p_out.scalar_type() == at::kByte, "expert_ffn_int4: uint8 codes");
+  check_weights(p_in, E, N, D / 2, "p_in");
+  check_weights(p_out, E, D, I / 2, "p_out");
+  const int64_t G_in = z_in.size(1), G_out = z_out.size(1);
+  TORCH_CHECK(z_in.dim() == 4 && z_out.dim() == 4 && z_in.is_contiguous() && z_out.is_contiguous() &&
+                  z_in.size(0) == E && z_in.size(2) == N && z_in.size(3) == 2 && z_out.size(0) == E &&
+                  z_out.size(2) == D && z_out.size(3) == 2,
+              "expert_ffn_int4: scales and zeros [E, G, N, 2]");
+  for (const auto& [K, G] : {std::pair{D, G_in}, std::pair{I, G_out}})
+    TORCH_CHECK(G > 0 && K % G == 0 && (K / G == kXBlock || (K / G) % kVec == 0),
+                "expert_ffn_int4: groups of 32 inputs or a multiple of 64, got ", K, " inputs in ", G, " groups");
+  TORCH_CHECK(z_in.scalar_type() == x.scalar_type() && z_out.scalar_type() == x.scalar_type(),
+              "expert_ffn_int4: scales in x's dtype");
+  const uint8_t *pi = p_in.data_ptr<uint8_t>(), *po = p_out.data_ptr<uint8_t>();
+  if (x.scalar_type() == at::kBFloat16)
+    return ffn<bf16>(x, expert, Int4Rows<bf16>{pi, z_in.data_ptr<bf16>(), G_in},
+                     Int4Rows<bf16>{po, z_out.data_ptr<bf16>(), G_out}, N);
+  return ffn<float>(x, expert, Int4Rows<float>{pi, z_in.data_ptr<float>(), G_in},
+                    Int4Rows<float>{po, z_out.data_ptr<float>(), G_out}, N);
 }
 
 }  // namespace
@@ -480,5 +741,7 @@ TORCH_LIBRARY(moedeploy, m) {
   m.def("expert_ffn_int8(Tensor x, Tensor expert, Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out, "
         "str isa='best') -> Tensor");
   m.impl("expert_ffn_int8", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int8));
+  m.def("expert_ffn_int4(Tensor x, Tensor expert, Tensor p_in, Tensor z_in, Tensor p_out, Tensor z_out) -> Tensor");
+  m.impl("expert_ffn_int4", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int4));
   m.def("expert_isas() -> str[]", &expert_isas);
 }

@@ -20,6 +20,14 @@ int8-quantized experts (quant/formats.py: one scale per row and group of inputs)
 int8 weights: each group's sum is scaled, then added, in float32 (torch's `_weight_int8pack_mm` reads int8
 experts at 6.7 GB/s per core on an AVX2 EPYC, this one at 10.8).
 
+On a CPU with AVX512-VNNI (`integer()`) int8 and int4 experts take an integer path instead, as llama.cpp's Q8_0
+and Q4 dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
+quant/formats.py is its reference), and 64 weight-input products are one instruction, summed in int32; the
+float32 roundings come per 64-input step and per group. int4 experts in the "plain" layout have no other fast CPU
+kernel, so on such a CPU their layout is "plain" and every step of theirs runs here, prompt steps included;
+int8 decode steps run here and prompt steps keep torch's int8 kernel (its float inputs). Numbers:
+docs/benchmarks.md.
+
 The source is compiled at first use, once per torch version and source (`torch.utils.cpp_extension`, 15-60 s,
 with the C++ compiler inductor needs anyway; one line on stderr says so), into torch's extensions folder
 ($TORCH_EXTENSIONS_DIR). Where it cannot be built, "auto" keeps the compiled kernel (one warning says why) and
@@ -109,20 +117,39 @@ def _silu_gated(bank) -> bool:
             and type(fn).__name__ in ("SiLU", "SiLUActivation"))
 
 
+def integer() -> bool:
+    """Whether the kernel's integer path (int8 inputs times int8 / int4 weights, AVX512-VNNI) runs on this CPU."""
+    return "avx512_vnni" in isas()
+
+
 def native_supported(bank) -> bool:
-    """What the kernel computes: the compiled kernel's banks (float32/bfloat16, SiLU-gated, no biases, CPU), and
-    int8-quantized ones of that kind (quant/formats.py) on the CPU."""
-    if getattr(bank, "quantized", False):
-        return (getattr(bank, "spec", None) is not None and bank.spec.dtype == "int8" and _silu_gated(bank)
-                and bank.q_in.device.type in ("cpu", "meta") and bank.s_in.dtype in (torch.float32, torch.bfloat16))
-    return compiled_supported(bank)
+    """What the kernel computes: the compiled kernel's banks (float32/bfloat16, SiLU-gated, no biases, CPU);
+    int8-quantized ones of that kind (quant/formats.py) on the CPU; int4 ones in the "plain" layout on a CPU with
+    the integer path, inputs a multiple of 64."""
+    spec = getattr(bank, "spec", None)
+    if not getattr(bank, "quantized", False):
+        return compiled_supported(bank)
+    if spec is None or not _silu_gated(bank):
+        return False
+    if spec.dtype == "int8":
+        return bank.q_in.device.type in ("cpu", "meta") and bank.s_in.dtype in (torch.float32, torch.bfloat16)
+    return (spec.layout == "plain" and bank.p_in.device.type in ("cpu", "meta") and integer()
+            and bank.hidden_size % 64 == 0 and bank.intermediate_size % 64 == 0
+            and bank.z_in.dtype in (torch.float32, torch.bfloat16))
+
+
+def every_step(bank) -> bool:
+    """int4 experts the kernel computes: it is their CPU kernel for every step, not decode steps alone (the "plain"
+    layout has no other fast one)."""
+    return getattr(bank, "quantized", False) and bank.spec.dtype == "int4" and native_supported(bank)
 
 
 def check(bank: ExpertBank) -> None:
     """backend="native", asked for by name: refuse a bank it does not compute or a kernel that did not build."""
     if not native_supported(bank):
-        raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 (or int8-quantized) experts without "
-                          "biases on the CPU; use backend='auto' for this model")
+        raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 experts without biases on the CPU, "
+                          "int8-quantized ones, or int4 ones on a CPU with AVX512-VNNI; use backend='auto' for "
+                          "this model")
     if not available():
         raise OptionError(f"backend 'native' could not be built ({why_not()}); it needs a C++ compiler with OpenMP "
                           "(g++ on PATH; ninja comes with moedeploy; torch.compile needs the compiler too); "
@@ -141,6 +168,8 @@ def _run(rows: Tensor, expert: Tensor, bank) -> Tensor:
     if not available():
         raise OptionError(f"moedeploy's CPU expert kernel could not be built ({why_not()}); use backend='auto'")
     rows, expert = rows.contiguous(), expert.long().contiguous()
+    if getattr(bank, "quantized", False) and bank.spec.dtype == "int4":
+        return torch.ops.moedeploy.expert_ffn_int4(rows, expert, bank.p_in, bank.z_in, bank.p_out, bank.z_out)
     if getattr(bank, "quantized", False):
         return torch.ops.moedeploy.expert_ffn_int8(rows, expert, bank.q_in, bank.s_in, bank.q_out, bank.s_out)
     return torch.ops.moedeploy.expert_ffn(rows, expert, bank.w_in.contiguous(), bank.w_out.contiguous())

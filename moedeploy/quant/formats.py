@@ -6,13 +6,17 @@
           stored two codes per byte, in one of two layouts (QuantSpec.layout): "cpu", torch's CPU int4
           kernel's packing; "plain", input 2j in the low nibble of byte j and 2j + 1 in the high one
 
-Kernels (CPU, torch's own packed-weight ops; x in float32 or bfloat16, scales in x's dtype):
-    int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row)
-    int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2])
-Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. Off the
-CPU the experts run that reference (each expert's weight dequantized on the device, then a matmul: the slots
-and a miss's copy hold the small bytes): int8 as stored, int4 in the "plain" layout (the CPU kernel's packing
-is its own, and CUDA's int4 kernel takes another).
+Kernels (CPU; x in float32 or bfloat16, scales in x's dtype):
+    int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row);
+          decode steps moedeploy's native kernel (kernels/native.py)
+    int4: on a CPU with AVX512-VNNI, moedeploy's native kernel over the "plain" layout, every step; elsewhere
+          torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2]) ("cpu" layout)
+Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. The native
+kernel's integer path (AVX512-VNNI) multiplies the weights by int8 inputs, as llama.cpp's quantized dot products
+do: its reference quantizes the inputs first (`quantize_inputs`). Off the CPU the experts run the reference
+(each expert's weight dequantized on the device, then a matmul: the slots and a miss's copy hold the small
+bytes): int8 as stored, int4 in the "plain" layout (the CPU kernel's packing is its own, and CUDA's int4 kernel
+takes another).
 
 Legend: N output features, K input features, g group size, G = K / g groups.
 """
@@ -64,6 +68,19 @@ class QuantSpec:
         return g
 
 
+INPUT_BLOCK = 32  # inputs per scale where the native kernel quantizes a step's inputs to int8 (llama.cpp's Q8_0's)
+
+
+def quantize_inputs(x: Tensor) -> Tensor:
+    """x [M, K] -> the float32 values the native kernel's integer path (kernels/native.cpp, AVX512-VNNI) multiplies
+    the weights by: per block of 32 inputs, d * round(x / d) with d = max|x| / 127. Its reference in tests."""
+    M, K = x.shape
+    xb = x.float().view(M, K // INPUT_BLOCK, INPUT_BLOCK)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / d), 0).clamp(-127, 127)
+    return (q * d).view(M, K)
+
+
 # --- int8 ---------------------------------------------------------------------------------------------------------
 
 def quantize_int8(w: Tensor, g: int) -> tuple[Tensor, Tensor]:
@@ -81,14 +98,25 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return (q.view(N, G, K // G).float() * scale.float().unsqueeze(-1)).view(N, K)
 
 
+def _native_int4() -> bool:
+    """Whether moedeploy's native kernel multiplies int4 experts on this CPU (built, and AVX512-VNNI)."""
+    from ..kernels import native
+
+    return native.integer()
+
+
 def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
-    """`spec` with the int4 layout `device` runs: the CPU kernel's on the CPU, "plain" elsewhere."""
-    plain = spec.dtype == "int4" and device.type != "cpu"
+    """`spec` with the int4 layout `device` runs: "plain" off the CPU and for the native kernel, else torch's CPU
+    kernel's."""
+    plain = spec.dtype == "int4" and (device.type != "cpu" or _native_int4())
     return replace(spec, layout="plain" if plain else "cpu")
 
 
-def kernel(spec: QuantSpec, device: torch.device) -> str:
-    """What runs for `spec`'s experts on `device` (the runtime's stats say it)."""
+def kernel(spec: QuantSpec, device: torch.device, native: bool = False) -> str:
+    """What runs for `spec`'s experts on `device` (the runtime's stats say it); `native`: the bank is one the native
+    kernel runs every step of (kernels/native.py `every_step`: int4, shapes it takes)."""
+    if device.type == "cpu" and native:
+        return "int4: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"
     if device.type != "cpu" or spec.layout == "plain":
         return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
     return {"int8": "int8: torch._weight_int8pack_mm; decode steps moedeploy's native kernel (kernels/native.py)",
