@@ -24,9 +24,9 @@
 // Rows ahead are asked for in software (a bfloat16 row of 2048 inputs is one 4 KiB page, and the hardware's
 // prefetcher stops at each page). AVX2: four rows at a time, the next four asked for where the weights are
 // narrower than float32 (+10-15% on an AVX2 EPYC; float32 gained nothing). AVX-512: one row at a time, two rows
-// ahead asked for (on an AVX-512 EPYC +20% over four rows at a time, and 5-7% over torch.compile's loop), as
-// non-temporal (a model's decode 0-8% faster there than with T0: the 100-200 MB a layer streams evict less of
-// the model's other code and data).
+// ahead asked for (on an AVX-512 EPYC +20% over four rows at a time, and 5-7% over torch.compile's loop).
+// Every prefetch is T0 (into every cache level): non-temporal ones made a decode 0-8% faster on the AVX-512
+// EPYC, but on an AVX-512 Xeon (Emerald Rapids) cut this kernel's reads to a third, cold or from the L3.
 // Every output element is summed by one thread in a fixed order, so the bits do not depend on the thread count,
 // on which rows share a step, or on where in a bank an expert sits; they do depend on the instruction set, as
 // torch's own do.
@@ -125,7 +125,6 @@ struct Avx2 {
   static constexpr int kRows = 4;  // rows at once (eight chains in flight)
   template <typename W>
   static constexpr int64_t kAhead = std::is_same_v<W, float> ? 0 : 4;  // rows ahead to prefetch (0: none)
-  static constexpr int kHint = _MM_HINT_T0;
   using V = __m256;
   __attribute__((target("avx2,fma"))) static V zero() { return _mm256_setzero_ps(); }
   __attribute__((target("avx2,fma"))) static float sum(V a, V b) { return hsum(_mm256_add_ps(a, b)); }
@@ -161,7 +160,6 @@ struct Avx512 {
   static constexpr int kRows = 1;  // one row at a time, two rows ahead asked for (see the top)
   template <typename W>
   static constexpr int64_t kAhead = 2;
-  static constexpr int kHint = _MM_HINT_NTA;  // the streamed experts then evict less of the rest of the model
   using V = __m512;
   __attribute__((target("avx512f"))) static V zero() { return _mm512_setzero_ps(); }
   __attribute__((target("avx512f"))) static float sum(V a, V b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
@@ -200,12 +198,11 @@ struct Avx512Bf16 : Avx512 {
   }
 };
 
-// Ask for the cache lines that start in bytes [lo, hi) of `rows` rows of `stride` bytes from `next`, with the
-// traits' hint (_MM_HINT_T0: into every cache level; _MM_HINT_NTA: close to the core, sparing the outer caches).
-template <int Hint>
+// Ask for the cache lines that start in bytes [lo, hi) of `rows` rows of `stride` bytes from `next`, into every
+// cache level (T0; see the top).
 inline void prefetch(const char* next, int64_t stride, int rows, int64_t lo, int64_t hi) {
   for (int64_t c = (lo + 63) / 64 * 64; c < hi; c += 64)
-    for (int i = 0; i < rows; ++i) _mm_prefetch(next + i * stride + c, static_cast<_mm_hint>(Hint));
+    for (int i = 0; i < rows; ++i) _mm_prefetch(next + i * stride + c, _MM_HINT_T0);
 }
 
 // A loop written once for every instruction set's traits S: the traits' functions carry their instruction set,
@@ -226,7 +223,7 @@ void rows_simd(const W* w, const X* x, float* y, int64_t n0, int64_t n1, int64_t
     const char* next = reinterpret_cast<const char*>(w + (n + ahead) * K);  // the rows `ahead` of these
     const bool fetch = ahead && n + ahead + G <= n1;
     for (int64_t k = 0; k < body; k += B) {
-      if (fetch) prefetch<S::kHint>(next, K * sizeof(W), G, k * sizeof(W), (k + B) * sizeof(W));
+      if (fetch) prefetch(next, K * sizeof(W), G, k * sizeof(W), (k + B) * sizeof(W));
       for (int i = 0; i < G; ++i) S::fma(r[i] + k, x + k, a[i], b[i]);
     }
     for (int i = 0; i < R; ++i) {
@@ -283,7 +280,7 @@ void int8_simd(const int8_t* q, const Sc* s, int64_t G, const float* x, float* y
       typename S::V a[Rows], b[Rows];
       for (int i = 0; i < Rows; ++i) a[i] = b[i] = S::zero();
       for (int64_t k = j * g; k < (j + 1) * g; k += B) {
-        if (fetch) prefetch<S::kHint>(reinterpret_cast<const char*>(next), K, Rows, k, k + B);
+        if (fetch) prefetch(reinterpret_cast<const char*>(next), K, Rows, k, k + B);
         for (int i = 0; i < Rows; ++i) S::fma(r[i] + k, x + k, a[i], b[i]);
       }
       for (int i = 0; i < Rows; ++i) tot[i] = S::scaled(S::add(a[i], b[i]), static_cast<float>(sc[i][j]), tot[i]);
@@ -375,17 +372,13 @@ void quantize_input(const float* x, float* buffer, int64_t K, int64_t g, bool ni
   }
 }
 
-// The cache lines that start in bytes [lo, hi) of kQRows rows of `bytes` from `next`
-inline void prefetch_step(const char* next, int64_t bytes, int64_t lo, int64_t hi) {
-  prefetch<_MM_HINT_T0>(next, bytes, kQRows, lo, hi);
-}
-
 constexpr int kQBlock = 16;  // rows whose scales (and int4's zero terms) are read together, as float32
 
 // int8 weights q [N, K] with scales s [N, G]
 template <typename Sc>
 struct Int8Weights {
   static constexpr __mmask16 kSecond = 0xFF00;  // the lanes of a step's second block
+  static constexpr int64_t kStep = kVec;          // a row's bytes per step
   const int8_t* q;
   const Sc* s;
   int64_t G, N, K;
@@ -410,6 +403,7 @@ struct Int8Weights {
 template <typename Sc>
 struct Int4Weights {
   static constexpr __mmask16 kSecond = 0xF0F0;
+  static constexpr int64_t kStep = kVec / 2;
   const uint8_t* p;
   const Sc* z;
   int64_t G, N, K;
@@ -469,7 +463,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(c
       for (int i = 0; i < kQRows; ++i) tot[i] = _mm512_setzero_ps();
       if (g == kXBlock) {
         for (int64_t k = 0; k < K; k += kVec) {
-          if (fetch) prefetch_step(next, bytes, k * bytes / K, (k + kVec) * bytes / K);
+          if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
           const __m512i xq = _mm512_loadu_si512(x.q + k);
           const __m512 d = _mm512_loadu_ps(x.d + k / 4);
           const float* s0 = sc + k / kXBlock * kQBlock;
@@ -484,7 +478,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(c
           __m512 acc[kQRows];
           for (int i = 0; i < kQRows; ++i) acc[i] = _mm512_setzero_ps();
           for (int64_t k = j * g; k < (j + 1) * g; k += kVec) {
-            if (fetch) prefetch_step(next, bytes, k * bytes / K, (k + kVec) * bytes / K);
+            if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
             const __m512i xq = _mm512_loadu_si512(x.q + k);
             const __m512 d = _mm512_loadu_ps(x.d + k / 4);
             for (int i = 0; i < kQRows; ++i)
