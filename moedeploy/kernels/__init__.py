@@ -92,6 +92,8 @@ def direct(name: str, ids: Tensor) -> Callable[[Tensor, Tensor, ExpertBank], Ten
     step's backend (`for_step`). None: take the plan."""
     if name == "quantized":
         return quantized_pairs if ids.shape[0] == 1 else None
+    if ids.numel() > COMPILED_ROWS:  # a prompt step (int4's native kernel takes every step): the plan sorts its
+        return None  # pairs by expert, so that the kernel reads each chunk of an expert's rows once for all of them
     return {"native": native_pairs, "compiled": compiled_pairs}.get(name)
 
 

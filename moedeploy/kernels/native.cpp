@@ -595,13 +595,20 @@ struct Int4Rows {
   }
 };
 
-// Every pair's y[p] = rows of its expert @ x[p] over output rows [0, N), in tasks of kChunk rows across threads.
+constexpr int64_t kDecodePairs = 16;  // steps of more pairs (prompts) run chunk by chunk
+
+// Every pair's y[p] = rows of its expert @ x[p] over output rows [0, N), in tasks of kChunk rows across threads:
+// pair by pair in a decode step (each pair's rows ahead are the ones asked for), chunk by chunk in a longer
+// step, whose pairs come sorted by expert, so that a chunk of an expert's rows is read from memory once and
+// from the core's caches for the expert's other pairs.
 template <typename Rows>
 void gemv(const Rows& rows, const int64_t* expert, const float* x, float* y, int64_t P, int64_t N, int64_t K) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const bool by_chunk = P > kDecodePairs;
   at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = t / chunks, n0 = (t % chunks) * kChunk, n1 = std::min(N, n0 + kChunk);
+      const int64_t p = by_chunk ? t % P : t / chunks, c = by_chunk ? t / P : t % chunks;
+      const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
       rows(expert[p], x + p * K, y + p * N, n0, n1, N, K);
     }
   });

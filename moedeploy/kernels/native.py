@@ -141,7 +141,8 @@ def native_supported(bank) -> bool:
 def every_step(bank) -> bool:
     """int4 experts the kernel computes: it is their CPU kernel for every step, not decode steps alone (the "plain"
     layout has no other fast one)."""
-    return getattr(bank, "quantized", False) and bank.spec.dtype == "int4" and native_supported(bank)
+    spec = getattr(bank, "spec", None)  # None: not quantized here, or pre-quantized (MXFP4, FP8)
+    return spec is not None and spec.dtype == "int4" and native_supported(bank)
 
 
 def check(bank: ExpertBank) -> None:
