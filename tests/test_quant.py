@@ -167,6 +167,10 @@ def test_the_integer_path_bits_do_not_depend_on_threads_rows_or_slots(fmt):
     where = torch.tensor([2, 0, 3, 1])  # the bank's experts in other slots
     slot = torch.argsort(where)[expert]
     assert torch.equal(op(x, slot, *(t[where].contiguous() for t in tensors)), one)
+    # a prompt-sized step, its pairs sorted by expert as the plan gives them: run chunk by chunk, two pairs of one
+    # expert at a time (odd runs leave pairs alone), the same bits as each row on its own
+    x, expert = torch.randn(41, 128, generator=g).bfloat16(), torch.randint(0, 4, (41,), generator=g).sort().values
+    assert torch.equal(op(x, expert, *tensors), torch.cat([op(x[p:p + 1], expert[p:p + 1], *tensors) for p in range(41)]))
 
 
 def test_the_int4_kernel_refuses_groups_and_shapes_it_does_not_take():

@@ -384,9 +384,12 @@ struct Int8Weights {
   int64_t G, N, K;
   int64_t row_bytes() const { return K; }
   const int8_t* row(int64_t n) const { return q + n * K; }
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(const int8_t* r, int64_t k,
-                                                                           const QInput& x, __m512i xq) {
-    const __m512i u = _mm512_xor_si512(_mm512_loadu_si512(r + k), _mm512_set1_epi8(static_cast<char>(0x80)));
+  // a step's 64 weights of row r as the unsigned operand, q + 128; then their products with the input's step
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i codes(const int8_t* r, int64_t k) {
+    return _mm512_xor_si512(_mm512_loadu_si512(r + k), _mm512_set1_epi8(static_cast<char>(0x80)));
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(__m512i u, int64_t k, const QInput& x,
+                                                                           __m512i xq) {
     return _mm512_dpbusd_epi32(_mm512_loadu_si512(x.bias + k / 4), u, xq);
   }
   // rows [n, n + 16): scale[j * 16 + i] = s[n + i, j]; no zero term
@@ -409,11 +412,13 @@ struct Int4Weights {
   int64_t G, N, K;
   int64_t row_bytes() const { return K / 2; }
   const uint8_t* row(int64_t n) const { return p + n * (K / 2); }
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(const uint8_t* r, int64_t k,
-                                                                           const QInput&, __m512i xq) {
+  // a step's 64 weights of row r unpacked to bytes: low nibbles (even inputs) in 0-31, high ones in 32-63
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i codes(const uint8_t* r, int64_t k) {
     const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k / 2)));
-    const __m512i v = _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)),
-                                       _mm512_set1_epi8(0x0F));  // low nibbles in bytes 0-31, high in 32-63
+    return _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(__m512i v, int64_t, const QInput&,
+                                                                           __m512i xq) {
     return _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xq);
   }
   // rows [n, n + 16): scale[j * 16 + i] and offset[i] = sum over groups j of (zero - 8 scale) * x.sum[j]
@@ -441,53 +446,69 @@ struct Int4Weights {
   }
 };
 
-// Rows [n0, n1) of w times the prepared input (n0 and n1 multiples of 16), four at a time: per group j, each
-// row's steps summed, d per lane, then times the row's scale into its total; groups of 32 inputs share a step,
-// their two scales across its lanes.
-template <typename W>
-__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(const W& w, const float* buffer,
-                                                                                float* y, int64_t n0, int64_t n1) {
-  const QInput x = input_view(buffer, w.K);
+// Rows [n0, n1) of w times R prepared inputs (R pairs of one expert: a prompt's pairs share each step's weights),
+// buffer[r] -> y[r], n0 and n1 multiples of 16; four rows at a time: per group j, each row's steps summed, d per
+// lane, then times the row's scale into its total; groups of 32 inputs share a step, their two scales across
+// its lanes. Each (input, row) has its own sums in the same order whatever R is, so R does not change a bit.
+template <int R, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(const W& w, const float* const* buffer,
+                                                                                float* const* y, int64_t n0, int64_t n1) {
   const int64_t K = w.K, G = w.G, g = K / G, bytes = w.row_bytes();
   const int64_t ahead = std::max<int64_t>(kQRows, kAheadBytes / bytes / kQRows * kQRows);
+  QInput x[R];
+  for (int r = 0; r < R; ++r) x[r] = input_view(buffer[r], K);
   std::vector<float> scale(G * kQBlock);
-  float offset[kQBlock];
+  float offset[R][kQBlock];
   for (int64_t b = n0; b < n1; b += kQBlock) {
-    w.block(b, x, scale.data(), offset);
+    for (int r = 0; r < R; ++r) w.block(b, x[r], scale.data(), offset[r]);
     for (int64_t n = b; n < b + kQBlock; n += kQRows) {
       const bool fetch = n + ahead + kQRows <= w.N;
       const char* next = reinterpret_cast<const char*>(w.row(n + ahead));  // the rows `ahead` of these, asked
       // for a line at a time along with the steps that read these rows' same bytes
       const float* sc = scale.data() + (n - b);  // row n + i's group j at sc[j * 16 + i]
-      __m512 tot[kQRows];
-      for (int i = 0; i < kQRows; ++i) tot[i] = _mm512_setzero_ps();
+      __m512 tot[R][kQRows];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < kQRows; ++i) tot[r][i] = _mm512_setzero_ps();
       if (g == kXBlock) {
         for (int64_t k = 0; k < K; k += kVec) {
           if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
-          const __m512i xq = _mm512_loadu_si512(x.q + k);
-          const __m512 d = _mm512_loadu_ps(x.d + k / 4);
           const float* s0 = sc + k / kXBlock * kQBlock;
           for (int i = 0; i < kQRows; ++i) {
-            const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(W::dot(w.row(n + i), k, x, xq)), d);
+            const __m512i v = W::codes(w.row(n + i), k);
             const __m512 s = _mm512_mask_blend_ps(W::kSecond, _mm512_set1_ps(s0[i]), _mm512_set1_ps(s0[kQBlock + i]));
-            tot[i] = _mm512_fmadd_ps(t, s, tot[i]);
+            for (int r = 0; r < R; ++r) {
+              const __m512i dot = W::dot(v, k, x[r], _mm512_loadu_si512(x[r].q + k));
+              const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(x[r].d + k / 4));
+              tot[r][i] = _mm512_fmadd_ps(t, s, tot[r][i]);
+            }
           }
         }
       } else {
         for (int64_t j = 0; j < G; ++j) {
-          __m512 acc[kQRows];
-          for (int i = 0; i < kQRows; ++i) acc[i] = _mm512_setzero_ps();
+          __m512 acc[R][kQRows];
+          for (int r = 0; r < R; ++r)
+            for (int i = 0; i < kQRows; ++i) acc[r][i] = _mm512_setzero_ps();
           for (int64_t k = j * g; k < (j + 1) * g; k += kVec) {
             if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
-            const __m512i xq = _mm512_loadu_si512(x.q + k);
-            const __m512 d = _mm512_loadu_ps(x.d + k / 4);
-            for (int i = 0; i < kQRows; ++i)
-              acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(W::dot(w.row(n + i), k, x, xq)), d, acc[i]);
+            __m512i xq[R];
+            __m512 d[R];
+            for (int r = 0; r < R; ++r) {
+              xq[r] = _mm512_loadu_si512(x[r].q + k);
+              d[r] = _mm512_loadu_ps(x[r].d + k / 4);
+            }
+            for (int i = 0; i < kQRows; ++i) {
+              const __m512i v = W::codes(w.row(n + i), k);
+              for (int r = 0; r < R; ++r)
+                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(W::dot(v, k, x[r], xq[r])), d[r], acc[r][i]);
+            }
           }
-          for (int i = 0; i < kQRows; ++i) tot[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(sc[j * kQBlock + i]), tot[i]);
+          for (int r = 0; r < R; ++r)
+            for (int i = 0; i < kQRows; ++i)
+              tot[r][i] = _mm512_fmadd_ps(acc[r][i], _mm512_set1_ps(sc[j * kQBlock + i]), tot[r][i]);
         }
       }
-      for (int i = 0; i < kQRows; ++i) y[n + i] = _mm512_reduce_add_ps(tot[i]) + offset[n - b + i];
+      for (int r = 0; r < R; ++r)
+        for (int i = 0; i < kQRows; ++i) y[r][n + i] = _mm512_reduce_add_ps(tot[r][i]) + offset[r][n - b + i];
     }
   }
 }
@@ -554,6 +575,10 @@ struct FloatRows {
     if (isa == Isa::avx2) return rows_avx2<W>(we, x, y, n0, n1, K);
     rows_portable<W>(we, x, y, n0, n1, K);
   }
+  // two pairs of expert e: one after the other
+  void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
+    for (int r = 0; r < 2; ++r) (*this)(e, x[r], y[r], n0, n1, N, K);
+  }
 };
 
 template <typename Sc>
@@ -576,10 +601,15 @@ struct Int8Rows {
     const int8_t* qe = q + e * N * K;
     const Sc* se = s + e * N * G;
     const int64_t g = K / G;
-    if (integer(K)) return rows_vnni(Int8Weights<Sc>{qe, se, G, N, K}, x, y, n0, n1);
+    if (integer(K)) return rows_vnni<1>(Int8Weights<Sc>{qe, se, G, N, K}, &x, &y, n0, n1);
     if (isa >= Isa::avx512 && g % Avx512::kBlock == 0) return int8_avx512<Sc>(qe, se, G, x, y, n0, n1, K);
     if (isa >= Isa::avx2 && g % Avx2::kBlock == 0) return int8_avx2<Sc>(qe, se, G, x, y, n0, n1, K);
     int8_portable<Sc>(qe, se, G, x, y, n0, n1, K);
+  }
+  // two pairs of expert e: the integer path reads each step's weights once for both
+  void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
+    if (integer(K)) return rows_vnni<2>(Int8Weights<Sc>{q + e * N * K, s + e * N * G, G, N, K}, x, y, n0, n1);
+    for (int r = 0; r < 2; ++r) (*this)(e, x[r], y[r], n0, n1, N, K);
   }
 };
 
@@ -590,26 +620,45 @@ struct Int4Rows {
   const Sc* z;
   int64_t G;
   void prepare(const float* row, float* out, int64_t K) const { quantize_input(row, out, K, K / G, true); }
+  Int4Weights<Sc> weights(int64_t e, int64_t N, int64_t K) const { return {p + e * N * K / 2, z + e * G * N * 2, G, N, K}; }
   void operator()(int64_t e, const float* x, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
-    rows_vnni(Int4Weights<Sc>{p + e * N * K / 2, z + e * G * N * 2, G, N, K}, x, y, n0, n1);
+    rows_vnni<1>(weights(e, N, K), &x, &y, n0, n1);
+  }
+  void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
+    rows_vnni<2>(weights(e, N, K), x, y, n0, n1);
   }
 };
 
 constexpr int64_t kDecodePairs = 16;  // steps of more pairs (prompts) run chunk by chunk
 
 // Every pair's y[p] = rows of its expert @ x[p] over output rows [0, N), in tasks of kChunk rows across threads:
-// pair by pair in a decode step (each pair's rows ahead are the ones asked for), chunk by chunk in a longer
-// step, whose pairs come sorted by expert, so that a chunk of an expert's rows is read from memory once and
-// from the core's caches for the expert's other pairs.
+// pair by pair in a decode step (each pair's rows ahead are the ones asked for); in a longer step, whose pairs
+// come sorted by expert, chunk by chunk and two pairs at a time, so that a chunk of an expert's rows is read
+// from memory once and from the core's caches for the expert's other pairs, and two pairs of one expert share
+// the reads (`two`).
 template <typename Rows>
 void gemv(const Rows& rows, const int64_t* expert, const float* x, float* y, int64_t P, int64_t N, int64_t K) {
   const int64_t chunks = (N + kChunk - 1) / kChunk;
-  const bool by_chunk = P > kDecodePairs;
-  at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
+  if (P <= kDecodePairs) {
+    at::parallel_for(0, P * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t p = t / chunks, n0 = (t % chunks) * kChunk, n1 = std::min(N, n0 + kChunk);
+        rows(expert[p], x + p * K, y + p * N, n0, n1, N, K);
+      }
+    });
+    return;
+  }
+  const int64_t twos = (P + 1) / 2;  // pairs 2i and 2i + 1
+  at::parallel_for(0, chunks * twos, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t p = by_chunk ? t % P : t / chunks, c = by_chunk ? t / P : t % chunks;
-      const int64_t n0 = c * kChunk, n1 = std::min(N, n0 + kChunk);
-      rows(expert[p], x + p * K, y + p * N, n0, n1, N, K);
+      const int64_t p = t % twos * 2, n0 = t / twos * kChunk, n1 = std::min(N, n0 + kChunk);
+      if (p + 1 < P && expert[p] == expert[p + 1]) {
+        const float* xs[2] = {x + p * K, x + (p + 1) * K};
+        float* ys[2] = {y + p * N, y + (p + 1) * N};
+        rows.two(expert[p], xs, ys, n0, n1, N, K);
+      } else {
+        for (int64_t q = p; q < std::min(P, p + 2); ++q) rows(expert[q], x + q * K, y + q * N, n0, n1, N, K);
+      }
     }
   });
 }
@@ -623,20 +672,28 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& expert, const Rows& in, co
              y = at::empty({P, D}, f32);
   const X* xw = reinterpret_cast<const X*>(x.data_ptr());
   float *xp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
-  std::vector<float> row(std::max(D, I));
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(xw[p * D + d]);
-    in.prepare(row.data(), xp + p * D, D);
-  }
+  // per row across threads (a prompt's thousand rows, quantized for the integer path, would otherwise be a
+  // serial part of the step): each row's input, prepared
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max(D, I));
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(D);
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(xw[p * D + d]);
+      in.prepare(row.data(), xp + p * D, D);
+    }
+  });
   const int64_t* ex = expert.data_ptr<int64_t>();
   gemv(in, ex, xp, hp, P, N, D);
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t i = 0; i < I; ++i) {
-      const float gate = round_to<X>(hp[p * N + i]), up = round_to<X>(hp[p * N + I + i]);
-      row[i] = round_to<X>(round_to<X>(gate / (1.0f + std::exp(-gate))) * up);
+  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {  // each row's activation, prepared
+    std::vector<float> row(I);
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t i = 0; i < I; ++i) {
+        const float gate = round_to<X>(hp[p * N + i]), up = round_to<X>(hp[p * N + I + i]);
+        row[i] = round_to<X>(round_to<X>(gate / (1.0f + std::exp(-gate))) * up);
+      }
+      out.prepare(row.data(), ap + p * I, I);
     }
-    out.prepare(row.data(), ap + p * I, I);
-  }
+  });
   gemv(out, ex, ap, yp, P, D, I);
   return y.to(x.scalar_type());
 }
