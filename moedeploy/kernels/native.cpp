@@ -597,18 +597,19 @@ struct Int8Rows {
     if (integer(K)) return quantize_input(row, out, K, K / G, false);
     std::copy(row, row + K, out);
   }
+  Int8Weights<Sc> weights(int64_t e, int64_t N, int64_t K) const { return {q + e * N * K, s + e * N * G, G, N, K}; }
   void operator()(int64_t e, const float* x, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
     const int8_t* qe = q + e * N * K;
     const Sc* se = s + e * N * G;
     const int64_t g = K / G;
-    if (integer(K)) return rows_vnni<1>(Int8Weights<Sc>{qe, se, G, N, K}, &x, &y, n0, n1);
+    if (integer(K)) return rows_vnni<1>(weights(e, N, K), &x, &y, n0, n1);
     if (isa >= Isa::avx512 && g % Avx512::kBlock == 0) return int8_avx512<Sc>(qe, se, G, x, y, n0, n1, K);
     if (isa >= Isa::avx2 && g % Avx2::kBlock == 0) return int8_avx2<Sc>(qe, se, G, x, y, n0, n1, K);
     int8_portable<Sc>(qe, se, G, x, y, n0, n1, K);
   }
   // two pairs of expert e: the integer path reads each step's weights once for both
   void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
-    if (integer(K)) return rows_vnni<2>(Int8Weights<Sc>{q + e * N * K, s + e * N * G, G, N, K}, x, y, n0, n1);
+    if (integer(K)) return rows_vnni<2>(weights(e, N, K), x, y, n0, n1);
     for (int r = 0; r < 2; ++r) (*this)(e, x[r], y[r], n0, n1, N, K);
   }
 };
