@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from .errors import CheckpointError, UnsupportedModelError
+from .kernels import native
 from .layer import MoELayer
 from .models import Family, family_for, supported_model_types
 from .models.base import router_module
@@ -35,7 +36,6 @@ from .options import LoadOptions
 from .placement import ModelShape
 from .quant import QuantizedBank
 from .quant.cache import QuantCache
-from .kernels import native
 from .quant.formats import kernel as quant_kernel
 from .quant.ondisk import Dequantizing, format_of
 from .quant.prequantized import PrequantizedBank
@@ -219,12 +219,6 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     dtype = _resolve_dtype(config, opts.dtype)
     if opts.expert_store is None:
         opts = replace(opts, expert_store=default_store(opts.device, opts.buffered, prequantized=fmt is not None))
-    torch_kernel = opts.quant is not None and (opts.quant.dtype == "int8" or opts.quant.layout == "cpu")  # int4
-    # in the "plain" layout runs moedeploy's native kernel on the CPU, whatever the model's dtype
-    if torch_kernel and dtype == torch.float32 and opts.device.type == "cpu":
-        warnings.warn(f"{opts.quant.dtype} experts in a float32 model: torch's {opts.quant.dtype} CPU kernel takes a "
-                      "scalar path for float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load "
-                      "with dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     try:
         with torch.device("meta"):
@@ -243,6 +237,15 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if opts.sharding is not None:
         opts = replace(opts, sharding=opts.sharding.resolve(
             ModelShape(len(blocks), blocks[0][1].experts.num_experts, 0, str(ckpt.root))))
+    if (opts.quant is not None and opts.quant.dtype == "int4" and opts.quant.layout == "cpu"
+            and opts.device.type == "cpu" and native.takes_int4(_layer_store(ckpt, family, config, *blocks[0]))):
+        opts = replace(opts, quant=replace(opts.quant, layout="plain"))  # the native kernel's, for every step
+    torch_kernel = opts.quant is not None and (opts.quant.dtype == "int8" or opts.quant.layout == "cpu")  # int4
+    # in the "plain" layout runs moedeploy's native kernel on the CPU, whatever the model's dtype
+    if torch_kernel and dtype == torch.float32 and opts.device.type == "cpu":
+        warnings.warn(f"{opts.quant.dtype} experts in a float32 model: torch's {opts.quant.dtype} CPU kernel takes a "
+                      "scalar path for float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load "
+                      "with dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)
     quantized = [None] * len(blocks)
     if opts.quant is not None and opts.expert_store == "disk":  # quantized once into moedeploy's cache, then read
         quantized = QuantCache(ckpt.root, opts.quant, dtype).ensure(

@@ -316,9 +316,8 @@ def test_a_quantized_model_under_budgets_equals_it_resident(tiny, dtype):
 
 
 def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off_the_cpu():
-    """int4 takes the "plain" layout off the CPU, and on a CPU where the native kernel's integer path runs (it
-    multiplies that layout); elsewhere torch's CPU kernel's packing."""
-    from moedeploy.kernels import native
+    """int4 takes the "plain" layout off the CPU; on the CPU torch's CPU kernel's packing, unless the loader finds
+    that the native kernel computes the model's experts (the next tests)."""
     from moedeploy.quant.formats import QuantSpec, for_device, kernel, unpack_int4
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
@@ -326,8 +325,7 @@ def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off
     assert kernel(QuantSpec("int4"), cpu) == "int4: torch._weight_int4pack_mm_for_cpu"
     assert "dequantize per expert, then matmul" in kernel(QuantSpec("int8"), gpu)
     assert for_device(QuantSpec("int4", 32), gpu) == QuantSpec("int4", 32, "plain")
-    assert for_device(QuantSpec("int8"), cpu).layout == for_device(QuantSpec("int8"), gpu).layout == "cpu"
-    assert for_device(QuantSpec("int4"), cpu).layout == ("plain" if native.integer() else "cpu")
+    assert for_device(QuantSpec("int4"), cpu).layout == for_device(QuantSpec("int8"), gpu).layout == "cpu"
     q = torch.randint(0, 16, (8, 64), dtype=torch.int32)
     assert torch.equal(unpack_int4(pack_int4(q, "plain")).int(), q)
     with pytest.raises(OptionError, match="int8 only 'cpu'"):
@@ -359,6 +357,16 @@ def test_int4_on_the_integer_path_is_near_its_reference_and_exact_under_budgets(
             got = model.generate(ids[:1, :4], **gen)
             assert all(torch.equal(a, b) for a, b in zip(got.logits, decoded.logits)), budget
             assert model.moedeploy.cache_stats()["misses"] > 0
+
+
+@pytest.mark.parametrize("family, overrides", [("gpt_oss", dict(hidden_size=64, intermediate_size=64)),
+                                               ("qwen3_moe", dict(hidden_size=64, moe_intermediate_size=32))])
+def test_int4_experts_the_native_kernel_does_not_compute_keep_torchs_kernel(tiny, family, overrides):
+    """Biased, clamped experts (GPT-OSS) or inputs that are not multiples of 64: int4 keeps torch's CPU kernel and
+    its packing, on every CPU (the "plain" layout would run dequantized per call)."""
+    model = load(tiny(family, **overrides), dtype="bfloat16", expert_dtype="int4")
+    assert model.moedeploy.stats()["expert_kernel"] == ["int4: torch._weight_int4pack_mm_for_cpu"]
+    assert {layer.experts.spec.layout for layer in model.moedeploy.layers.values()} == {"cpu"}
 
 
 @pytest.mark.parametrize("store", ["host", "disk"])

@@ -235,16 +235,14 @@ def test_an_int4_cache_packed_for_another_cpu_is_not_read(own_copy, cache_dir, m
     import subprocess
     import sys
 
-    import moedeploy.api
-    from moedeploy.quant import QuantSpec
+    from moedeploy.kernels import native
 
-    monkeypatch.setattr(moedeploy.api, "for_device", lambda spec, device: QuantSpec(spec.dtype, spec.group_size, "cpu"))
+    monkeypatch.setattr(native, "integer", lambda: False)
     assert torch.equal(_logits(_disk(own_copy, "int4")), _logits(load(own_copy, dtype="float32", expert_dtype="int4")))
     script = ("import sys, torch\n"
-              "import moedeploy.api\n"
               "from moedeploy import load\n"
-              "from moedeploy.quant import QuantSpec\n"
-              "moedeploy.api.for_device = lambda spec, device: QuantSpec(spec.dtype, spec.group_size, 'cpu')\n"
+              "from moedeploy.kernels import native\n"
+              "native.integer = lambda: False\n"
               "ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(3))\n"
               "kw = dict(dtype='float32', expert_dtype='int4')\n"
               "with torch.inference_mode():\n"

@@ -24,7 +24,8 @@ On a CPU with AVX512-VNNI (`integer()`) int8 and int4 experts take an integer pa
 and Q4 dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
 quant/formats.py is its reference), and 64 weight-input products are one instruction, summed in int32; the
 float32 roundings come per 64-input step and per group. int4 experts in the "plain" layout have no other fast CPU
-kernel, so on such a CPU their layout is "plain" and every step of theirs runs here, prompt steps included;
+kernel, so on such a CPU their layout is "plain" where this kernel computes them (`takes_int4`) and every step
+of theirs runs here, prompt steps included;
 int8 decode steps run here and prompt steps keep torch's int8 kernel (its float inputs). Numbers:
 docs/benchmarks.md.
 
@@ -112,9 +113,12 @@ def isas() -> list[str]:
 
 
 def _silu_gated(bank) -> bool:
-    fn = getattr(bank.activation, "fn", None)
-    return (bank.activation.gated and bank.activation.clamp is None and bank.b_in is None and bank.b_out is None
-            and type(fn).__name__ in ("SiLU", "SiLUActivation"))
+    return _plain_silu(bank.activation) and bank.b_in is None and bank.b_out is None
+
+
+def _plain_silu(activation) -> bool:
+    fn = getattr(activation, "fn", None)
+    return activation.gated and activation.clamp is None and type(fn).__name__ in ("SiLU", "SiLUActivation")
 
 
 def integer() -> bool:
@@ -136,6 +140,15 @@ def native_supported(bank) -> bool:
     return (spec.layout == "plain" and bank.p_in.device.type in ("cpu", "meta") and integer()
             and bank.hidden_size % 64 == 0 and bank.intermediate_size % 64 == 0
             and bank.z_in.dtype in (torch.float32, torch.bfloat16))
+
+
+def takes_int4(store) -> bool:
+    """Whether the kernel would compute a layer of these experts (store/experts.py `DiskStore`) quantized to int4:
+    the integer path runs here, SiLU-gated without biases, inputs multiples of 64. The loader then takes the
+    "plain" layout for int4 on the CPU; elsewhere int4 keeps torch's CPU kernel and its packing (the "plain"
+    layout has no other fast CPU kernel)."""
+    biased = len(store.read(0)) > 2  # w_in, w_out, then any biases
+    return integer() and _plain_silu(store.activation) and not biased and store.D % 64 == 0 and store.I % 64 == 0
 
 
 def every_step(bank) -> bool:

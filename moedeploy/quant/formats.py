@@ -98,17 +98,10 @@ def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
     return (q.view(N, G, K // G).float() * scale.float().unsqueeze(-1)).view(N, K)
 
 
-def _native_int4() -> bool:
-    """Whether moedeploy's native kernel multiplies int4 experts on this CPU (built, and AVX512-VNNI)."""
-    from ..kernels import native
-
-    return native.integer()
-
-
 def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
-    """`spec` with the int4 layout `device` runs: "plain" off the CPU and for the native kernel, else torch's CPU
-    kernel's."""
-    plain = spec.dtype == "int4" and (device.type != "cpu" or _native_int4())
+    """`spec` with the int4 layout `device` runs: torch's CPU kernel's on the CPU, "plain" elsewhere. (The loader
+    takes "plain" on the CPU too where moedeploy's native kernel computes the model's experts: loader.py.)"""
+    plain = spec.dtype == "int4" and device.type != "cpu"
     return replace(spec, layout="plain" if plain else "cpu")
 
 
