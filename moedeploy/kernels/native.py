@@ -108,8 +108,11 @@ def why_not() -> str:
 
 
 def isas() -> list[str]:
-    """The instruction sets the kernel runs on this CPU, best first (the op's `isa=` takes any of them)."""
-    return list(torch.ops.moedeploy.expert_isas()) if available() else []
+    """The instruction sets the kernel runs on this CPU, best first (the op's `isa=` takes any of them). Asked of
+    the kernel once per process: `integer()` is asked on every step of a quantized layer."""
+    if "isas" not in _state:
+        _state["isas"] = list(torch.ops.moedeploy.expert_isas()) if available() else []
+    return list(_state["isas"])
 
 
 def _silu_gated(bank) -> bool:
