@@ -183,6 +183,8 @@ def test_the_int4_kernel_refuses_groups_and_shapes_it_does_not_take():
     p_in, z_in, p_out, z_out = tensors
     with pytest.raises(RuntimeError, match="scales and zeros"):
         torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, z_in[:, :, :64], p_out, z_out)
+    with pytest.raises(RuntimeError, match="groups of 32 inputs or a multiple of 64, got 128 inputs in 8 groups"):
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, torch.zeros(2, 8, 128, 2), p_out, z_out)
     with pytest.raises(RuntimeError, match="names expert 2; the bank holds 2"):
         torch.ops.moedeploy.expert_ffn_int4(x, torch.tensor([2]), *tensors)
 
