@@ -237,12 +237,11 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
     if opts.sharding is not None:
         opts = replace(opts, sharding=opts.sharding.resolve(
             ModelShape(len(blocks), blocks[0][1].experts.num_experts, 0, str(ckpt.root))))
-    if (opts.quant is not None and opts.quant.dtype == "int4" and opts.quant.layout == "cpu"
-            and opts.device.type == "cpu" and native.takes_int4(_layer_store(ckpt, family, config, *blocks[0]))):
-        opts = replace(opts, quant=replace(opts.quant, layout="plain"))  # the native kernel's, for every step
-    torch_kernel = opts.quant is not None and (opts.quant.dtype == "int8" or opts.quant.layout == "cpu")  # int4
-    # in the "plain" layout runs moedeploy's native kernel on the CPU, whatever the model's dtype
-    if torch_kernel and dtype == torch.float32 and opts.device.type == "cpu":
+    integer = (opts.quant is not None and opts.device.type == "cpu"  # moedeploy's kernel takes every step
+               and native.takes(_layer_store(ckpt, family, config, *blocks[0]), opts.quant))
+    if integer and opts.quant.dtype == "int4":
+        opts = replace(opts, quant=replace(opts.quant, layout="plain"))  # the layout it reads
+    if opts.quant is not None and not integer and dtype == torch.float32 and opts.device.type == "cpu":
         warnings.warn(f"{opts.quant.dtype} experts in a float32 model: torch's {opts.quant.dtype} CPU kernel takes a "
                       "scalar path for float32 inputs, 8-17x slower than for bfloat16 (docs/benchmarks.md); load "
                       "with dtype='bfloat16' (--dtype bfloat16) for speed", stacklevel=2)

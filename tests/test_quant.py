@@ -334,27 +334,28 @@ def test_quantized_experts_name_their_kernel_and_int4_takes_the_plain_layout_off
         QuantSpec("int8", layout="plain")
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
 @pytest.mark.parametrize("store", [None, "host", "disk"])
-def test_int4_on_the_integer_path_is_near_its_reference_and_exact_under_budgets(tiny, store):
-    """int4 experts whose shapes the native kernel takes (inputs multiples of 64) run it on every step: the stats
-    say so, the logits are within the inputs' quantization of the dequantized reference, and under budgets they
-    are bit-identical to the model resident (prompt and decode steps)."""
+def test_quantized_experts_on_the_integer_path_are_near_their_reference_and_exact_under_budgets(tiny, store, dtype):
+    """Quantized experts whose shapes the integer path takes (inputs multiples of 64) run the native kernel on every
+    step: the stats say so, the logits are within the inputs' quantization of the dequantized reference, and
+    under budgets they are bit-identical to the model resident (prompt and decode steps)."""
     _integer_path()
     path = tiny("qwen3_moe", hidden_size=64, moe_intermediate_size=64)
     ids = torch.randint(3, 100, (2, 11), generator=torch.Generator().manual_seed(0))
     gen = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
     with torch.inference_mode():
-        resident = load(path, dtype="bfloat16", expert_dtype="int4")
+        resident = load(path, dtype="bfloat16", expert_dtype=dtype)
         assert resident.moedeploy.stats()["expert_kernel"] == [
-            "int4: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"]
+            f"{dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"]
         want, decoded = resident(ids).logits, resident.generate(ids[:1, :4], **gen)
         if store is None:
-            ref = _dequantized_reference(path, QuantSpec("int4")).to(torch.bfloat16)(ids).logits
+            ref = _dequantized_reference(path, QuantSpec(dtype)).to(torch.bfloat16)(ids).logits
             err = ((want.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
             assert 0 < err <= 5e-2, err
             return
         for budget in (0.25, 0.5):
-            model = load(path, dtype="bfloat16", expert_dtype="int4", expert_memory=budget, expert_store=store)
+            model = load(path, dtype="bfloat16", expert_dtype=dtype, expert_memory=budget, expert_store=store)
             assert torch.equal(model(ids).logits, want), budget
             got = model.generate(ids[:1, :4], **gen)
             assert all(torch.equal(a, b) for a, b in zip(got.logits, decoded.logits)), budget
@@ -365,10 +366,12 @@ def test_int4_on_the_integer_path_is_near_its_reference_and_exact_under_budgets(
                                                ("qwen3_moe", dict(hidden_size=64, moe_intermediate_size=32))])
 def test_int4_experts_the_native_kernel_does_not_compute_keep_torchs_kernel(tiny, family, overrides):
     """Biased, clamped experts (GPT-OSS) or inputs that are not multiples of 64: int4 keeps torch's CPU kernel and
-    its packing, on every CPU (the "plain" layout would run dequantized per call)."""
+    its packing, on every CPU (the "plain" layout would run dequantized per call), and int8 its prompt steps."""
     model = load(tiny(family, **overrides), dtype="bfloat16", expert_dtype="int4")
     assert model.moedeploy.stats()["expert_kernel"] == ["int4: torch._weight_int4pack_mm_for_cpu"]
     assert {layer.experts.spec.layout for layer in model.moedeploy.layers.values()} == {"cpu"}
+    int8 = load(tiny(family, **overrides), dtype="bfloat16", expert_dtype="int8")
+    assert int8.moedeploy.stats()["expert_kernel"][0].startswith("int8: torch._weight_int8pack_mm")
 
 
 @pytest.mark.parametrize("store", ["host", "disk"])

@@ -11,8 +11,8 @@ and returns y_sorted [P, D] (rows of dropped pairs are left unspecified; `combin
   reads its own expert's weights, no per-expert calls. For decode-sized steps on CPU; SiLU-gated float banks.
 - "native": the same fused gather-GEMV as moedeploy's own C++ kernel (native.cpp, built at first use), which
   reads weights faster than inductor's code (docs/benchmarks.md); the banks of "compiled", int8-quantized
-  ones (decode steps of "quantized" take it), and on a CPU with AVX512-VNNI int4 ones in the "plain" layout
-  (every step of "quantized" takes it: torch has no fast kernel for that layout).
+  ones (decode steps of "quantized" take it), and on a CPU with AVX512-VNNI int4 ones in the "plain" layout;
+  there every step of "quantized" takes it where its integer path applies (native.py `every_step`).
 - "quantized": a loop over the experts with torch's packed int8 / int4 kernels; the only backend of a
   quantized bank (quant/), chosen for it whatever the name.
 - "auto": grouped_mm, except on CPU when the pairs are few (P * LOOP_RATIO <= E): torch's CPU
@@ -71,7 +71,8 @@ def for_step(name: str, x: Tensor, pairs: int, bank: ExpertBank) -> str:
     CPU step its fused kernel. Decided from the whole step, before a budget splits it into chunks or expert
     parallelism into shards, so every way of running a step takes the same kernel and gives the same bits
     (the fused kernels sum in another order than the loop's matmuls). "quantized" (what "auto" is for a quantized
-    bank) takes the native kernel for int8 decode steps likewise, and for every step of int4 experts it computes."""
+    bank) takes the native kernel for int8 decode steps likewise, and for every step of quantized experts on its
+    integer path."""
     if name not in ("auto", "quantized"):
         return name
     if x.device.type == "cpu" and native.every_step(bank):

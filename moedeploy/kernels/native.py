@@ -23,11 +23,10 @@ experts at 6.7 GB/s per core on an AVX2 EPYC, this one at 10.8).
 On a CPU with AVX512-VNNI (`integer()`) int8 and int4 experts take an integer path instead, as llama.cpp's Q8_0
 and Q4 dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
 quant/formats.py is its reference), and 64 weight-input products are one instruction, summed in int32; the
-float32 roundings come per 64-input step and per group. int4 experts in the "plain" layout have no other fast CPU
-kernel, so on such a CPU their layout is "plain" where this kernel computes them (`takes_int4`) and every step
-of theirs runs here, prompt steps included;
-int8 decode steps run here and prompt steps keep torch's int8 kernel (its float inputs). Numbers:
-docs/benchmarks.md.
+float32 roundings come per 64-input step and per group. Where it computes a model's quantized experts (`takes`:
+SiLU-gated, no biases, groups of 32 or multiples of 64), every step of theirs runs here, prompts included: int4
+in the "plain" layout, which has no other fast CPU kernel; int8, whose prompts run 1.6-1.8x faster here than in
+torch's int8 kernel. Elsewhere int8 decode steps still run here, on the float path. Numbers: docs/benchmarks.md.
 
 The source is compiled at first use, once per torch version and source (`torch.utils.cpp_extension`, 15-60 s,
 with the C++ compiler inductor needs anyway; one line on stderr says so), into torch's extensions folder
@@ -145,20 +144,29 @@ def native_supported(bank) -> bool:
             and bank.z_in.dtype in (torch.float32, torch.bfloat16))
 
 
-def takes_int4(store) -> bool:
-    """Whether the kernel would compute a layer of these experts (store/experts.py `DiskStore`) quantized to int4:
-    the integer path runs here, SiLU-gated without biases, inputs multiples of 64. The loader then takes the
-    "plain" layout for int4 on the CPU; elsewhere int4 keeps torch's CPU kernel and its packing (the "plain"
-    layout has no other fast CPU kernel)."""
+def _integer_groups(spec, D: int, I: int) -> bool:
+    """Whether both projections' groups suit the integer path: inputs multiples of 64, groups of 32 or multiples
+    of 64 (native.cpp `Int8Rows::integer`; int4's groups always do)."""
+    return all(K % 64 == 0 and (g == 32 or g % 64 == 0) for K, g in ((D, spec.group(D)), (I, spec.group(I))))
+
+
+def takes(store, spec) -> bool:
+    """Whether the integer path would compute a layer of these experts (store/experts.py `DiskStore`) quantized as
+    `spec` (int8 or int4), every step of it: it runs here, the experts are SiLU-gated without biases, the groups
+    suit it. The loader then takes the "plain" layout for int4 on the CPU (it has no other fast CPU kernel), and
+    int8 prompt steps run here too (1.6-1.8x torch's int8 kernel on a 128-token prompt, docs/benchmarks.md);
+    elsewhere quantized experts keep torch's CPU kernels (and int4 its packing)."""
     biased = len(store.read(0)) > 2  # w_in, w_out, then any biases
-    return integer() and _plain_silu(store.activation) and not biased and store.D % 64 == 0 and store.I % 64 == 0
+    return (integer() and _plain_silu(store.activation) and not biased
+            and _integer_groups(spec, store.D, store.I))
 
 
 def every_step(bank) -> bool:
-    """int4 experts the kernel computes: it is their CPU kernel for every step, not decode steps alone (the "plain"
-    layout has no other fast one)."""
+    """Quantized experts on the integer path: the kernel runs every step of theirs, prompts included, not decode
+    steps alone."""
     spec = getattr(bank, "spec", None)  # None: not quantized here, or pre-quantized (MXFP4, FP8)
-    return spec is not None and spec.dtype == "int4" and native_supported(bank)
+    return (spec is not None and native_supported(bank) and integer()
+            and _integer_groups(spec, bank.hidden_size, bank.intermediate_size))
 
 
 def check(bank: ExpertBank) -> None:

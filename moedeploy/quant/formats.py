@@ -9,8 +9,9 @@
 Kernels (CPU; x in float32 or bfloat16, scales in x's dtype):
     int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row);
           decode steps moedeploy's native kernel (kernels/native.py)
-    int4: on a CPU with AVX512-VNNI, moedeploy's native kernel over the "plain" layout, every step; elsewhere
-          torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2]) ("cpu" layout)
+    int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2]) ("cpu" layout)
+    On a CPU with AVX512-VNNI, for the experts it computes (kernels/native.py `takes`), every step of both runs
+    moedeploy's native kernel instead, int4 over the "plain" layout.
 Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. The native
 kernel's integer path (AVX512-VNNI) multiplies the weights by int8 inputs, as llama.cpp's quantized dot products
 do: its reference quantizes the inputs first (`quantize_inputs`). Off the CPU the experts run the reference
@@ -107,9 +108,9 @@ def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
 
 def kernel(spec: QuantSpec, device: torch.device, native: bool = False) -> str:
     """What runs for `spec`'s experts on `device` (the runtime's stats say it); `native`: the bank is one the native
-    kernel runs every step of (kernels/native.py `every_step`: int4, shapes it takes)."""
+    kernel's integer path runs every step of (kernels/native.py `every_step`)."""
     if device.type == "cpu" and native:
-        return "int4: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"
+        return f"{spec.dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"
     if device.type != "cpu" or spec.layout == "plain":
         return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
     return {"int8": "int8: torch._weight_int8pack_mm; decode steps moedeploy's native kernel (kernels/native.py)",
