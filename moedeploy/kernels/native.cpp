@@ -1,5 +1,5 @@
-// moedeploy's CPU expert kernel for decode steps: every pair's SiLU-gated expert FFN, each row reading its own
-// expert's weights straight from the bank (built at first use by kernels/native.py; see its docstring).
+// moedeploy's CPU expert kernel for decode steps (and every step of quantized experts on its integer path): every
+// pair's SiLU-gated expert FFN, each row reading its own expert's weights straight from the bank (built at first use by kernels/native.py; see its docstring).
 //
 //     h[p] = w_in[e_p] @ x[p]             [P, N]  float32 sums, rounded to the weights' dtype (as F.linear)
 //     a[p] = silu(gate) * up              [P, I]  rounded after silu and after the product (as eager torch)
@@ -12,7 +12,7 @@
 //
 // A matrix-vector product reads its weights once, so it runs at the memory's speed only if the arithmetic keeps
 // up. The inner loop keeps each row's sum in two independent accumulators (a single chain of fused multiply-adds
-// waits on its latency), in one of four instruction sets, the best the CPU has unless `isa` names a lower one
+// waits on its latency), in one of these instruction sets, the best the CPU has unless `isa` names a lower one
 // (`expert_isas()` lists them, best first):
 //   avx512_bf16  bfloat16 weights and inputs multiplied in pairs by the CPU's bfloat16 dot product (exact
 //                products, float32 sums; inputs below 2^-126 count as zero, as the instruction does)
