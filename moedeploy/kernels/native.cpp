@@ -365,6 +365,7 @@ void quantize_input(const float* x, float* buffer, int64_t K, int64_t g, bool ni
     const int64_t b = k0 / kVec;
     for (int lane = 0; lane < 16; ++lane) {
       in.d[16 * b + lane] = d[nibbles ? (lane % 8) / 4 : lane / 8];
+      if (nibbles) continue;  // int4's unsigned operand is the codes themselves: no bias
       int32_t lane_sum = 0;
       for (int j = 0; j < 4; ++j) lane_sum += out[4 * lane + j];
       in.bias[16 * b + lane] = -128 * lane_sum;
