@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, GenerationConfig
 
 from .errors import CheckpointError, UnsupportedModelError
-from .kernels import native
+from .kernels import dense, native
 from .layer import MoELayer
 from .models import Family, family_for, supported_model_types
 from .models.base import router_module
@@ -272,4 +272,6 @@ def build_model(ckpt: Checkpoint, opts: LoadOptions):
                  ckpt.root, fmt.name, ", ".join(kept), dtype)
     if (ckpt.root / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(ckpt.root)
+    if opts.device.type == "cpu" and opts.gating.backend not in ("loop", "grouped_mm"):  # torch's kernels asked for
+        dense.install(model)  # decode-sized bfloat16 projections on the native kernel
     return model.to(opts.device).eval(), family, opts

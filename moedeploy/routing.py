@@ -231,6 +231,7 @@ class Router(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)  # [E]
         self.register_buffer("correction_bias", correction_bias)  # [E] DeepSeek-V3 only
         self.logits_dtype = logits_dtype
+        self.linear = F.linear  # the logits' projection (kernels/dense.py `install` gives it decode steps' kernel)
 
     @property
     def num_experts(self) -> int:
@@ -246,7 +247,7 @@ class Router(nn.Module):
 
     def logits(self, x: Tensor) -> Tensor:
         if self.logits_dtype is None:
-            return F.linear(x, self.weight, self.bias)
+            return self.linear(x, self.weight, self.bias)
         dt = self.logits_dtype
         return F.linear(x.to(dt), self.weight.to(dt), None if self.bias is None else self.bias.to(dt))
 

@@ -8,7 +8,8 @@
 // over float32 or bfloat16 weights (`expert_ffn`), or int8 weights with a scale per row and group of inputs
 // (`expert_ffn_int8`: quant/formats.py's int8; each group's sum is scaled, then added, all in float32), or int4
 // weights in the "plain" layout (`expert_ffn_int4`). On a CPU with AVX512-VNNI the quantized experts multiply
-// int8-quantized inputs instead (the integer path, below).
+// int8-quantized inputs instead (the integer path, below). The float paths also run decode-sized dense projections
+// (`linear_rows`, kernels/dense.py).
 //
 // A matrix-vector product reads its weights once, so it runs at the memory's speed only if the arithmetic keeps
 // up. The inner loop keeps each row's sum in two independent accumulators (a single chain of fused multiply-adds
@@ -799,6 +800,43 @@ at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const 
                     Int4Rows<float>{po, z_out.data_ptr<float>(), G_out}, N);
 }
 
+// Decode-sized dense projections (attention, routers, shared experts, the LM head: kernels/dense.py):
+// y [M, N] = x [M, K] @ w [N, K]^T, float32 sums rounded once to x's dtype (as F.linear), by the float paths above.
+// Tasks of kChunk rows of w, at least 256 KiB of weights each (smaller matrices stay on the calling thread); a
+// task reads its rows once for all of x's M rows (from the core's caches after the first).
+template <typename X>
+at::Tensor dense(const at::Tensor& x, const FloatRows<X>& rows, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor xs = at::empty({M, K}, f32), y = at::empty({M, N}, f32);
+  const X* xw = reinterpret_cast<const X*>(x.data_ptr());
+  float *xp = xs.data_ptr<float>(), *yp = y.data_ptr<float>();
+  std::vector<float> row(K);
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(xw[m * K + k]);
+    rows.prepare(row.data(), xp + m * K, K);
+  }
+  const int64_t chunks = (N + kChunk - 1) / kChunk;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (kChunk * std::max<int64_t>(K, 1) * int64_t{sizeof(X)}));
+  at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m = 0; m < M; ++m)
+        rows(0, xp + m * K, yp + m * N, t * kChunk, std::min(N, (t + 1) * kChunk), N, K);
+  });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& w, c10::string_view isa_name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "linear_rows: x must be a contiguous CPU [M, K]");
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1),
+              "linear_rows: w must be a contiguous CPU [N, K] with x's K, got ", w.sizes(), " for x ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == w.scalar_type() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "linear_rows: x and w must share a dtype, float32 or bfloat16");
+  const Isa isa = isa_named(std::string(isa_name), false);
+  if (x.scalar_type() == at::kBFloat16) return dense<bf16>(x, FloatRows<bf16>{w.data_ptr<bf16>(), isa}, w.size(0));
+  return dense<float>(x, FloatRows<float>{w.data_ptr<float>(), isa}, w.size(0));
+}
+
 }  // namespace
 
 TORCH_LIBRARY(moedeploy, m) {
@@ -809,5 +847,7 @@ TORCH_LIBRARY(moedeploy, m) {
   m.impl("expert_ffn_int8", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int8));
   m.def("expert_ffn_int4(Tensor x, Tensor expert, Tensor p_in, Tensor z_in, Tensor p_out, Tensor z_out) -> Tensor");
   m.impl("expert_ffn_int4", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int4));
+  m.def("linear_rows(Tensor x, Tensor w, str isa='best') -> Tensor");
+  m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));
   m.def("expert_isas() -> str[]", &expert_isas);
 }
