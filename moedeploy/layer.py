@@ -122,19 +122,19 @@ class MoELayer(nn.Module):
             kernel = kernels.for_step(self.backend, x, routing.ids.numel(), self.experts)  # the whole step's
             if self.parallel is not None:
                 y = self.parallel(x, routing, functools.partial(self._experts, kernel=kernel))
-                self.expert_counts += count(routing.ids, E)
+                self.expert_counts.add_(count(routing.ids, E))
             else:
                 y, counts = self._experts(x, routing, kernel, departs)
-                self.expert_counts += counts
+                self.expert_counts.add_(counts)  # in place: `+=` on a buffer goes through Module.__setattr__
             if self.may_drop:
-                self.dropped_pairs += (routing.ids == E).sum()
+                self.dropped_pairs.add_((routing.ids == E).sum())
         else:
             with _label("moe.static"):
                 result = static_moe(x, routing, self.experts, groups,
                                     self._static_capacity(x.shape[0] // groups, routing))
             y = result.y
-            self.expert_counts += count(routing.ids, E)
-            self.dropped_pairs += result.dropped + (routing.ids == E).sum()
+            self.expert_counts.add_(count(routing.ids, E))
+            self.dropped_pairs.add_(result.dropped + (routing.ids == E).sum())
         if self._shared is not None:
             with _label("moe.shared"):
                 s = getattr(self, self._shared)(x)
@@ -153,8 +153,8 @@ class MoELayer(nn.Module):
             return self.router(x, groups=groups, keep=keep), False
         exact, chosen = self.router.restrict(x, allowed)
         kept = (exact.ids[:, :, None] == chosen.ids[:, None, :]).any(-1)  # [T, K] the router's pairs still chosen
-        self.departed_pairs += (~kept).sum()
-        self.departed_weight += exact.weights.double().masked_fill(kept, 0).sum()
+        self.departed_pairs.add_((~kept).sum())
+        self.departed_weight.add_(exact.weights.double().masked_fill(kept, 0).sum())
         return chosen, True
 
     def _allowed(self, tokens: int) -> Tensor | None:
