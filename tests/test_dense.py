@@ -75,7 +75,8 @@ def test_the_kernel_takes_decode_sized_bfloat16_steps_only():
     assert torch.equal(dense.linear(step, w), torch.ops.moedeploy.linear_rows(step[0], w)[None])
     prompt = torch.randn(1, dense.ROWS + 1, 256).bfloat16()
     others = [(prompt, w, None), (step.float(), w.float(), None), (step, w, torch.randn(48).bfloat16()),
-              (step[..., :64], w[:, :64], None), (step, w.clone().requires_grad_(), None)]
+              (step[..., :64], w[:, :64], None), (step, w.clone().requires_grad_(), None),
+              (step.clone().requires_grad_(), w, None)]
     for x, weight, bias in others:
         assert not dense.takes(x, weight, bias)
         with torch.no_grad():

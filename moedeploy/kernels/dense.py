@@ -33,7 +33,8 @@ def takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     K = weight.shape[-1]
     return (bias is None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and K >= MIN_INPUTS
-            and x.numel() <= ROWS * K and not (torch.is_grad_enabled() and weight.requires_grad)
+            and x.numel() <= ROWS * K
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))  # no backward here
             and native.available())
 
 
