@@ -483,6 +483,8 @@ def test_bench_decode_reports_rates_against_the_best_bandwidth_of_the_run(tiny, 
                                                                  ("float32@compiled", 1)]
     for row in out["rows"]:
         assert row["decode_tok_s"] > 0
+        low, high = row["range_tok_s"]  # the rounds' spread, around their median
+        assert low <= row["decode_tok_s"] <= high
         assert row["bound_tok_s"] == round(3e9 / row["bytes_per_token"], 1)
         assert row["bandwidth_share"] == pytest.approx(row["decode_tok_s"] / row["bound_tok_s"], rel=1e-2, abs=1e-3)
     rows = {r["config"]: r for r in out["rows"]}

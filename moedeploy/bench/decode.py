@@ -151,7 +151,9 @@ def run(args) -> int:
     for c, b in per_token.items():
         for n in threads:
             rate = statistics.median(rates[c, n])
-            rows.append({"config": c, "threads": n, "decode_tok_s": round(rate, 1), "bytes_per_token": b,
+            rows.append({"config": c, "threads": n, "decode_tok_s": round(rate, 1),
+                         "range_tok_s": [round(min(rates[c, n]), 1), round(max(rates[c, n]), 1)],  # the rounds' spread
+                         "bytes_per_token": b,
                          "bound_tok_s": round(bandwidth[n] / b, 1), "bandwidth_share": round(rate * b / bandwidth[n], 3)})
     out = {"benchmark": "moedeploy bench decode", "date": time.strftime("%Y-%m-%d"), "machine": machine().__dict__,
            "model": str(args.model), "new_tokens": args.new_tokens, "rounds": args.rounds,
@@ -159,10 +161,11 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{'config':>28} {'threads':>7} {'tok/s':>8} {'MB/token':>9} {'bound tok/s':>11} {'share':>6}")
+    print(f"{'config':>28} {'threads':>7} {'tok/s':>8} {'rounds':>13} {'MB/token':>9} {'bound tok/s':>11} {'share':>6}")
     for row in rows:
-        print(f"{row['config']:>28} {row['threads']:>7} {row['decode_tok_s']:>8} {row['bytes_per_token'] / 1e6:>9.1f} "
-              f"{row['bound_tok_s']:>11} {row['bandwidth_share']:>6.0%}")
+        spread = "{}-{}".format(*row["range_tok_s"])
+        print(f"{row['config']:>28} {row['threads']:>7} {row['decode_tok_s']:>8} {spread:>13} "
+              f"{row['bytes_per_token'] / 1e6:>9.1f} {row['bound_tok_s']:>11} {row['bandwidth_share']:>6.0%}")
     return 0
 
 
