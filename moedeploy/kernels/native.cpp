@@ -341,38 +341,62 @@ QInput input_view(const float* buffer, int64_t K) {
           reinterpret_cast<float*>(b + 3 * K)};
 }
 
-// Quantize x [K] into `buffer` for int8 weights (nibbles false) or int4 ones, groups of g inputs.
-void quantize_input(const float* x, float* buffer, int64_t K, int64_t g, bool nibbles) {
+// One block of 32 inputs: q = round(x / d) (half to even, as torch.round), clamped to +-127, d = max|x| / 127
+// (0, and q = 0, for a block of zeros); returns d, and the q's sum in `total`. Vectorised, the same arithmetic and
+// bits as one input at a time (a division and a rounding each), which went through libm's nearbyintf: a call of
+// 8 pairs of 2048 inputs with small experts took 205 against 261 us (about 0.5 ms of an int8 or int4 token of
+// the large model).
+__attribute__((target("avx512f"))) inline __m512i round_codes(__m512 x, __m512 d) {
+  const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f)));
+}
+
+__attribute__((target("avx512f,avx512bw"))) float quantize_block(const float* xb, int8_t* q, int32_t& total) {
+  const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
+  if (!(d > 0)) {
+    std::fill(q, q + kXBlock, int8_t{0});
+    total = 0;
+    return d > 0 ? d : 0.0f;
+  }
+  const __m512 vd = _mm512_set1_ps(d);
+  const __m512i qa = round_codes(a, vd), qb = round_codes(b, vd);
+  total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  return d;
+}
+
+// Quantize x [K] into `buffer` for int8 weights (nibbles false) or int4 ones, groups of g inputs (the integer
+// path's CPUs only).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize_input(const float* x, float* buffer, int64_t K,
+                                                                           int64_t g, bool nibbles) {
   const QInput in = input_view(buffer, K);
   if (nibbles) std::fill(in.sum, in.sum + K / g, 0.0f);
   float d[kVec / kXBlock];
-  int8_t q[kVec];
+  alignas(64) int8_t q[kVec];
   for (int64_t k0 = 0; k0 < K; k0 += kVec) {
     for (int64_t h = 0; h < kVec / kXBlock; ++h) {  // the step's two blocks
-      const float* xb = x + k0 + h * kXBlock;
-      float amax = 0;
-      for (int64_t j = 0; j < kXBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-      d[h] = amax / 127.0f;
-      int32_t total = 0;
-      for (int64_t j = 0; j < kXBlock; ++j) {
-        q[h * kXBlock + j] = static_cast<int8_t>(d[h] > 0 ? std::clamp(std::nearbyint(xb[j] / d[h]), -127.0f, 127.0f) : 0);
-        total += q[h * kXBlock + j];
-      }
+      int32_t total;
+      d[h] = quantize_block(x + k0 + h * kXBlock, q + h * kXBlock, total);
       // int4's zero term takes the sum of the inputs the codes see, d * xq (with x's own sum it would add the
       // inputs' rounding errors times the zero point, 8 steps)
       if (nibbles) in.sum[(k0 + h * kXBlock) / g] += d[h] * static_cast<float>(total);
     }
     int8_t* out = in.q + k0;
-    for (int64_t j = 0; j < kVec; ++j)  // byte j holds input `j` (int8), or input 2j / 2(j - 32) + 1 (int4)
-      out[j] = nibbles ? q[j < kVec / 2 ? 2 * j : 2 * (j - kVec / 2) + 1] : q[j];
+    const __m512i v = _mm512_load_si512(q);
     const int64_t b = k0 / kVec;
-    for (int lane = 0; lane < 16; ++lane) {
-      in.d[16 * b + lane] = d[nibbles ? (lane % 8) / 4 : lane / 8];
-      if (nibbles) continue;  // int4's unsigned operand is the codes themselves: no bias
-      int32_t lane_sum = 0;
-      for (int j = 0; j < 4; ++j) lane_sum += out[4 * lane + j];
-      in.bias[16 * b + lane] = -128 * lane_sum;
+    if (nibbles) {  // bytes 0-31 the even inputs, 32-63 the odd ones (as the step unpacks the codes)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi16_epi8(v));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kVec / 2), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
+      _mm512_storeu_ps(in.d + 16 * b, _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
+      continue;  // int4's unsigned operand is the codes themselves: no bias
     }
+    _mm512_storeu_si512(out, v);  // byte j holds input j
+    _mm512_storeu_ps(in.d + 16 * b, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
+    // each lane's four xq summed (ones as the unsigned operand), times -128
+    const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v);
+    _mm512_storeu_si512(in.bias + 16 * b, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
   }
 }
 
