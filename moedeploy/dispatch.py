@@ -108,7 +108,7 @@ def unsort(y_sorted: Tensor, p: Plan) -> Tensor:
     return y_sorted.index_select(0, p.inverse)
 
 
-DECODE_TOKENS = 16  # weighted_sum's float32 path on the CPU
+DECODE_TOKENS = 16  # a decode-sized step's most tokens: weighted_sum's float32 path, kernels/dense.py's rows
 
 
 def weighted_sum(pairs: Tensor, weights: Tensor) -> Tensor:

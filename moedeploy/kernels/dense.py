@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..dispatch import DECODE_TOKENS
 from ..routing import Router
 from . import native
 
-ROWS = 16  # at most this many rows per call: decode-sized steps (kernels.COMPILED_ROWS pairs, likewise)
+ROWS = DECODE_TOKENS  # at most this many rows per call: decode-sized steps
 MIN_INPUTS = 128
 
 

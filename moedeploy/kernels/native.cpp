@@ -696,6 +696,20 @@ void gemv(const Rows& rows, const int64_t* expert, const float* x, float* y, int
   });
 }
 
+// Each of x's M rows [M, K] in float32, as `rows` reads it (split, bfloat16, or quantized for the integer path), into
+// out [M, K]; across threads (a prompt's thousand rows, quantized for the integer path, would otherwise be a serial
+// part of the step).
+template <typename X, typename Rows>
+void prepare_rows(const X* x, int64_t M, int64_t K, const Rows& rows, float* out) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<float> row(K);
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(x[m * K + k]);
+      rows.prepare(row.data(), out + m * K, K);
+    }
+  });
+}
+
 // The FFN of every pair, X the dtype of x, of the outputs and of the roundings (as eager torch in that dtype).
 template <typename X, typename Rows>
 at::Tensor ffn(const at::Tensor& x, const at::Tensor& expert, const Rows& in, const Rows& out, int64_t N) {
@@ -705,16 +719,8 @@ at::Tensor ffn(const at::Tensor& x, const at::Tensor& expert, const Rows& in, co
              y = at::empty({P, D}, f32);
   const X* xw = reinterpret_cast<const X*>(x.data_ptr());
   float *xp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
-  // per row across threads (a prompt's thousand rows, quantized for the integer path, would otherwise be a
-  // serial part of the step): each row's input, prepared
+  prepare_rows(xw, P, D, in, xp);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max(D, I));
-  at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(D);
-    for (int64_t p = begin; p < end; ++p) {
-      for (int64_t d = 0; d < D; ++d) row[d] = static_cast<float>(xw[p * D + d]);
-      in.prepare(row.data(), xp + p * D, D);
-    }
-  });
   const int64_t* ex = expert.data_ptr<int64_t>();
   gemv(in, ex, xp, hp, P, N, D);
   at::parallel_for(0, P, grain, [&](int64_t begin, int64_t end) {  // each row's activation, prepared
@@ -835,11 +841,7 @@ at::Tensor dense(const at::Tensor& x, const FloatRows<X>& rows, int64_t N) {
   at::Tensor xs = at::empty({M, K}, f32), y = at::empty({M, N}, f32);
   const X* xw = reinterpret_cast<const X*>(x.data_ptr());
   float *xp = xs.data_ptr<float>(), *yp = y.data_ptr<float>();
-  std::vector<float> row(K);
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t k = 0; k < K; ++k) row[k] = static_cast<float>(xw[m * K + k]);
-    rows.prepare(row.data(), xp + m * K, K);
-  }
+  prepare_rows(xw, M, K, rows, xp);
   const int64_t chunks = (N + kChunk - 1) / kChunk;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / (kChunk * std::max<int64_t>(K, 1) * int64_t{sizeof(X)}));
   at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
