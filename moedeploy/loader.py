@@ -144,7 +144,8 @@ def build_layer(ckpt: Checkpoint, family: Family, config, path: str, block: nn.M
         if opts.buffered:  # only the slots go to the device; on CUDA the host copy is pinned
             experts.keep_on_host(pin=opts.device.type == "cuda")
     if opts.quant is not None:
-        experts.kernel = quant_kernel(opts.quant, opts.device, native.every_step(experts))  # stats() names what runs
+        integer = native.integer_isa() if native.every_step(experts) else None
+        experts.kernel = quant_kernel(opts.quant, opts.device, integer)  # stats() names what runs
     shared, shared_gate = family.shared(block)
     layer = family.layer_class(router, experts, opts.gating, shared, shared_gate, parallel=parallel)
     layer.store = store

@@ -3,12 +3,15 @@ models against the same model with its experts dequantized to float (the plain p
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 
 from moedeploy import load
 from moedeploy.errors import OptionError
+from moedeploy.kernels import native
 from moedeploy.experts import ExpertBank
 from moedeploy.quant import QuantSpec
 from moedeploy.quant.formats import (dequantize_int4, dequantize_int8, mm_int4, mm_int8, pack_int4, quantize_int4,
@@ -57,7 +60,6 @@ def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, isa):
     and 32 inputs (AVX2's block, AVX-512's), and of 8 (the plain loops run); one output rounding in bfloat16
     apart at most."""
     from moedeploy.experts import Activation
-    from moedeploy.kernels import native
 
     assert native.available(), native.why_not()
     if isa not in native.isas():
@@ -82,12 +84,14 @@ def test_the_native_int8_kernel_matches_its_reference_on_odd_shapes(dtype, isa):
                 assert ((got.float() - want.float()).abs().max() / want.float().abs().max()) <= 8e-3
 
 
-def _integer_path():
-    from moedeploy.kernels import native
-
+def _integer_path(isa=None):
+    """Skip unless the native kernel runs `isa` (an integer path), or any integer path."""
     assert native.available(), native.why_not()
-    if not native.integer():
-        pytest.skip(f"this CPU has no AVX512-VNNI (the kernel runs {', '.join(native.isas())})")
+    if isa not in native.isas() if isa else not native.integer():
+        pytest.skip(f"this CPU does not run {isa or 'an integer path'} (the kernel runs {', '.join(native.isas())})")
+
+
+INTEGER_ISAS = ("avx512_vnni", "avx2_int8")  # native.INTEGER_ISAS, named here so that each is a test of its own
 
 
 def _quantized_bank(fmt, E, D, I, group, dtype, generator):
@@ -120,17 +124,17 @@ def _ffn(x, expert, deq, dtype, inputs=lambda t: t.float()):
     return torch.cat(rows)
 
 
+@pytest.mark.parametrize("isa", INTEGER_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype):
-    """The native kernel's integer path (AVX512-VNNI: int8 inputs, 32 to a scale, times int8 or int4 weights)
-    against the FFN of the weights it stands for with the inputs quantized the same way (`quantize_inputs`):
+def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype, isa):
+    """Each of the native kernel's integer paths (int8 inputs, 32 to a scale, times int8 or int4 weights) against the FFN of the weights it stands for with the inputs quantized the same way (`quantize_inputs`):
     equal up to float32's sums (and one bfloat16 rounding); against the unquantized inputs, off by the inputs'
     quantization (about 1% of the largest output here). Groups of 32, 64, 128 inputs and of whole rows; 1..33
     rows."""
     from moedeploy.quant.formats import quantize_inputs
 
-    _integer_path()
+    _integer_path(isa)
     op = {"int8": torch.ops.moedeploy.expert_ffn_int8, "int4": torch.ops.moedeploy.expert_ffn_int4}[fmt]
     shapes = [(3, 64, 64, 32), (2, 128, 64, 64), (4, 256, 128, 128)] + ([(3, 192, 128, None)] if fmt == "int8" else [])
     for E, D, I, group in shapes:
@@ -138,7 +142,7 @@ def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype):
         tensors, deq = _quantized_bank(fmt, E, D, I, group, dtype, g)
         for P in (1, 2, 7, 16, 33):
             x, expert = torch.randn(P, D, generator=g).to(dtype), torch.randint(0, E, (P,), generator=g)
-            got = op(x, expert, *tensors)
+            got = op(x, expert, *tensors, isa)
             want = _ffn(x, expert, deq, dtype, quantize_inputs)
             err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
             assert err <= (1e-5 if dtype == torch.float32 else 8e-3), (E, D, I, group, P, err)
@@ -147,10 +151,12 @@ def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype):
             assert 0 < off <= 4e-2, (E, D, I, group, P, off)
 
 
+@pytest.mark.parametrize("isa", INTEGER_ISAS)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_the_integer_path_bits_do_not_depend_on_threads_rows_or_slots(fmt):
-    _integer_path()
-    op = {"int8": torch.ops.moedeploy.expert_ffn_int8, "int4": torch.ops.moedeploy.expert_ffn_int4}[fmt]
+def test_the_integer_path_bits_do_not_depend_on_threads_rows_or_slots(fmt, isa):
+    _integer_path(isa)
+    op = functools.partial({"int8": torch.ops.moedeploy.expert_ffn_int8,
+                            "int4": torch.ops.moedeploy.expert_ffn_int4}[fmt], isa=isa)
     g = torch.Generator().manual_seed(5)
     tensors, _ = _quantized_bank(fmt, 4, 128, 128, 64, torch.bfloat16, g)
     x, expert = torch.randn(9, 128, generator=g).bfloat16(), torch.randint(0, 4, (9,), generator=g)
@@ -347,7 +353,7 @@ def test_quantized_experts_on_the_integer_path_are_near_their_reference_and_exac
     with torch.inference_mode():
         resident = load(path, dtype="bfloat16", expert_dtype=dtype)
         assert resident.moedeploy.stats()["expert_kernel"] == [
-            f"{dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"]
+            f"{dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs ({native.integer_isa()})"]
         want, decoded = resident(ids).logits, resident.generate(ids[:1, :4], **gen)
         if store is None:
             ref = _dequantized_reference(path, QuantSpec(dtype)).to(torch.bfloat16)(ids).logits

@@ -11,7 +11,7 @@ and returns y_sorted [P, D] (rows of dropped pairs are left unspecified; `combin
   reads its own expert's weights, no per-expert calls. For decode-sized steps on CPU; SiLU-gated float banks.
 - "native": the same fused gather-GEMV as moedeploy's own C++ kernel (native.cpp, built at first use), which
   reads weights faster than inductor's code (docs/benchmarks.md); the banks of "compiled", int8-quantized
-  ones (decode steps of "quantized" take it), and on a CPU with AVX512-VNNI int4 ones in the "plain" layout;
+  ones (decode steps of "quantized" take it), and on a CPU with AVX2 int4 ones in the "plain" layout;
   there every step of "quantized" takes it where its integer path applies (native.py `every_step`).
 - "quantized": a loop over the experts with torch's packed int8 / int4 kernels; the only backend of a
   quantized bank (quant/), chosen for it whatever the name.

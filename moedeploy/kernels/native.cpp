@@ -55,10 +55,10 @@ using bf16 = c10::BFloat16;
 
 constexpr int64_t kChunk = 64;  // output rows per task handed to a thread
 
-// Float paths, in order (each runs where the next one does), then the quantized experts' integer path.
-enum class Isa { portable, avx2, avx512, avx512_bf16, avx512_vnni };
+// Float paths, in order (each runs where the next one does), then the quantized experts' integer paths.
+enum class Isa { portable, avx2, avx512, avx512_bf16, avx2_int8, avx512_vnni };
 
-const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "avx512_vnni"};
+const char* kIsaNames[] = {"portable", "avx2", "avx512", "avx512_bf16", "avx2_int8", "avx512_vnni"};
 
 bool runs(Isa isa) {
   switch (isa) {
@@ -66,10 +66,19 @@ bool runs(Isa isa) {
     case Isa::avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     case Isa::avx512: return runs(Isa::avx2) && __builtin_cpu_supports("avx512f");
     case Isa::avx512_bf16: return runs(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+    case Isa::avx2_int8: return runs(Isa::avx2);
     case Isa::avx512_vnni:
       return runs(Isa::avx512) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
   }
   return false;
+}
+
+bool integer(Isa isa) { return isa == Isa::avx2_int8 || isa == Isa::avx512_vnni; }
+
+// The float path that runs where an integer one does not apply (shapes it does not take).
+Isa floats(Isa isa) {
+  if (isa == Isa::avx512_vnni) return Isa::avx512;
+  return isa == Isa::avx2_int8 ? Isa::avx2 : isa;
 }
 
 std::vector<std::string> expert_isas() {  // best first
@@ -79,18 +88,20 @@ std::vector<std::string> expert_isas() {  // best first
   return names;
 }
 
-// "best": the best float path, or for quantized experts the integer one where the CPU has it.
+// "best": the best float path, or for quantized experts the best integer one.
 Isa isa_named(const std::string& name, bool quantized) {
   if (name == "best") {
-    if (quantized && runs(Isa::avx512_vnni)) return Isa::avx512_vnni;
+    if (quantized)
+      for (Isa isa : {Isa::avx512_vnni, Isa::avx2_int8})
+        if (runs(isa)) return isa;
     for (int i = static_cast<int>(Isa::avx512_bf16); i > 0; --i)
       if (runs(static_cast<Isa>(i))) return static_cast<Isa>(i);
     return Isa::portable;
   }
   for (int i = 0; i <= static_cast<int>(Isa::avx512_vnni); ++i)
     if (name == kIsaNames[i] && runs(static_cast<Isa>(i))) {
-      TORCH_CHECK(quantized || i != static_cast<int>(Isa::avx512_vnni),
-                  "expert_ffn: isa 'avx512_vnni' multiplies quantized experts; float experts run the others");
+      TORCH_CHECK(quantized || !integer(static_cast<Isa>(i)), "expert_ffn: isa '", name,
+                  "' multiplies quantized experts; float experts run the others");
       return static_cast<Isa>(i);
     }
   TORCH_CHECK(false, "expert_ffn: isa '", name, "' is not one this CPU runs; it runs: ", c10::Join(", ", expert_isas()));
@@ -307,31 +318,35 @@ void int8_portable(const int8_t* q, const Sc* s, int64_t G, const float* x, floa
   }
 }
 
-// --- quantized experts times quantized inputs (AVX512-VNNI) ------------------------------------------------------
+// --- quantized experts times quantized inputs: the integer paths --------------------------------------------------
 //
-// The products of int8 or int4 weights with int8 inputs, 64 per instruction (vpdpbusd: unsigned bytes times
-// signed bytes, summed in fours into 16 int32 lanes), as llama.cpp's Q8_0 and Q4 dot products are. Each input row
-// is quantized per block of 32 inputs, d = max|x| / 127 and xq = round(x / d) (quant/formats.py
+// The products of int8 or int4 weights with int8 inputs, summed in int32, as llama.cpp's Q8_0 and Q4 dot products
+// are. Each input row is quantized per block of 32 inputs, d = max|x| / 127 and xq = round(x / d) (quant/formats.py
 // `quantize_inputs` is the reference), and a row's sum is, in float32,
 //     sum over groups j of s[j] * (sum over the group's blocks b of d[b] * (q . xq)[b])   (+ int4's zero term)
-//   int8: q + 128 is the unsigned operand (one xor); the 128 * xq it adds is taken off by starting each sum at
-//         -128 * (the lane's inputs' sum), kept with the prepared row
-//   int4: the "plain" layout's nibbles (0..15) are the unsigned operand: w = q * s + (zero - 8 s), so a row also
-//         adds sum over groups of (zero - 8 s) * (the group's sum of d * xq)
-// Every group is 32 inputs or a multiple of 64. A 64-input step's lanes hold inputs of both its 32-input blocks:
-// lanes 8-15 the second for int8 (bytes in order); for int4, whose step unpacks the low nibbles (even inputs) to
-// bytes 0-31 and the high ones (odd inputs) to 32-63, lanes 4-7 and 12-15.
+// int4's "plain" nibbles are unsigned codes (0..15): w = q * s + (zero - 8 s), so a row also adds sum over groups
+// of (zero - 8 s) * (the group's sum of d * xq). A step is 64 inputs, two blocks; each int32 lane of its sums holds
+// inputs of one block, and is scaled by that block's d. Every group is 32 inputs or a multiple of 64.
+//   avx512_vnni  vpdpbusd: unsigned bytes times signed bytes, summed in fours into 16 int32 lanes, the whole step in
+//                one instruction. int8: q + 128 is the unsigned operand (one xor); the 128 * xq it adds is taken
+//                off by starting each sum at -128 * (the lane's inputs' sum), kept with the prepared row.
+//   avx2_int8    vpmaddubsw (unsigned bytes times signed bytes, summed in pairs into int16), then vpmaddwd by ones
+//                (int16 pairs into int32), as llama.cpp's AVX2 dot products. int8: |q| is the unsigned operand and
+//                xq takes q's sign (2 * 128 * 127 < 2^15: no int16 sum saturates), a step's two blocks' lanes
+//                folded into one vector; int4: the two int16 sums of a byte pair's nibbles added before widening
+//                (2 * 2 * 15 * 127 < 2^15).
+// int4's step unpacks the low nibbles (even inputs) and the high ones (odd inputs) of 32 bytes, so its inputs are
+// stored per step as the 32 even ones, then the 32 odd ones. The lanes of a step's second block: int8 8-15 (bytes
+// in order) with AVX-512, 4-7 with AVX2; int4 4-7 and 12-15 with AVX-512, 4-7 with AVX2.
 
-constexpr int64_t kVec = 64;     // inputs per instruction
+constexpr int64_t kVec = 64;     // inputs per step
 constexpr int64_t kXBlock = 32;  // inputs per input scale
-constexpr int64_t kAheadBytes = 8192;  // how far ahead the weights are asked for (two 4 KiB pages)
-constexpr int kQRows = 4;    // rows at once: the input's loads shared, four sums in flight
 
 // One input row, prepared in the row's float32 buffer (4K bytes; this takes 3K + 4G):
 struct QInput {
   int8_t* q;      // [K] xq, in the weights' byte order (int4: per 64 inputs, the even ones then the odd ones)
-  int32_t* bias;  // [K / 64, 16] int8: -128 * the sum of each lane's four xq
-  float* d;       // [K / 64, 16] each lane's d
+  int32_t* bias;  // [K / 64, 16] int8 with AVX-512: -128 * the sum of each lane's four xq
+  float* d;       // [K / 64, lanes] each lane's d
   float* sum;     // [G] int4: each group's d * xq summed, in float32
 };
 
@@ -341,62 +356,220 @@ QInput input_view(const float* buffer, int64_t K) {
           reinterpret_cast<float*>(b + 3 * K)};
 }
 
-// One block of 32 inputs: q = round(x / d) (half to even, as torch.round), clamped to +-127, d = max|x| / 127
-// (0, and q = 0, for a block of zeros); returns d, and the q's sum in `total`. Vectorised, the same arithmetic and
-// bits as one input at a time (a division and a rounding each), which went through libm's nearbyintf: a call of
-// 8 pairs of 2048 inputs with small experts took 205 against 261 us (about 0.5 ms of an int8 or int4 token of
-// the large model).
-__attribute__((target("avx512f"))) inline __m512i round_codes(__m512 x, __m512 d) {
-  const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f)));
-}
+// Each instruction set's part of the integer path: a block's quantization (`quantize_block`: one block of 32
+// inputs, q = round(x / d), half to even as torch.round, clamped to +-127, d = max|x| / 127, 0 and q = 0 for a block
+// of zeros; returns d and the q's sum; vectorised, the same arithmetic and bits as one input at a time through
+// libm's nearbyintf, which took 261 against 205 us for 8 pairs of 2048 inputs with small experts), a step's stores
+// into the prepared row (`store`), its weights (`codes`), their products with a prepared row's step (`dot`), the
+// group scales across its lanes (`halves`), and the float32 arithmetic of the sums. Each weight kind's codes have
+// their own type, which picks its dot.
 
-__attribute__((target("avx512f,avx512bw"))) float quantize_block(const float* xb, int8_t* q, int32_t& total) {
-  const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
-  const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
-  if (!(d > 0)) {
-    std::fill(q, q + kXBlock, int8_t{0});
-    total = 0;
-    return d > 0 ? d : 0.0f;
+struct Vnni512 {
+  using F = __m512;
+  static constexpr int kLanes = 16;
+  static constexpr int kRows = 4;                // rows at once: the input's loads shared, four sums in flight
+  static constexpr int64_t kAheadBytes = 8192;  // how far ahead the weights are asked for (two 4 KiB pages)
+  struct Q8 { __m512i u; };  // int8 weights, as the unsigned operand
+  struct Q4 { __m512i u; };  // int4 codes, unpacked to bytes
+  struct In {                // a step of a prepared row
+    __m512i q;
+    const int32_t* bias;
+  };
+  __attribute__((target("avx512f"))) static __m512i round_codes(__m512 x, __m512 d) {
+    const __m512 v = _mm512_roundscale_ps(_mm512_div_ps(x, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f)));
   }
-  const __m512 vd = _mm512_set1_ps(d);
-  const __m512i qa = round_codes(a, vd), qb = round_codes(b, vd);
-  total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
-  return d;
-}
-
-// Quantize x [K] into `buffer` for int8 weights (nibbles false) or int4 ones, groups of g inputs (the integer
-// path's CPUs only).
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void quantize_input(const float* x, float* buffer, int64_t K,
-                                                                           int64_t g, bool nibbles) {
-  const QInput in = input_view(buffer, K);
-  if (nibbles) std::fill(in.sum, in.sum + K / g, 0.0f);
-  float d[kVec / kXBlock];
-  alignas(64) int8_t q[kVec];
-  for (int64_t k0 = 0; k0 < K; k0 += kVec) {
-    for (int64_t h = 0; h < kVec / kXBlock; ++h) {  // the step's two blocks
-      int32_t total;
-      d[h] = quantize_block(x + k0 + h * kXBlock, q + h * kXBlock, total);
-      // int4's zero term takes the sum of the inputs the codes see, d * xq (with x's own sum it would add the
-      // inputs' rounding errors times the zero point, 8 steps)
-      if (nibbles) in.sum[(k0 + h * kXBlock) / g] += d[h] * static_cast<float>(total);
+  __attribute__((target("avx512f,avx512bw"))) static float quantize_block(const float* xb, int8_t* q, int32_t& total) {
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+    const float d = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b))) / 127.0f;
+    if (!(d > 0)) {
+      std::fill(q, q + kXBlock, int8_t{0});
+      total = 0;
+      return d > 0 ? d : 0.0f;
     }
-    int8_t* out = in.q + k0;
-    const __m512i v = _mm512_load_si512(q);
-    const int64_t b = k0 / kVec;
-    if (nibbles) {  // bytes 0-31 the even inputs, 32-63 the odd ones (as the step unpacks the codes)
+    const __m512 vd = _mm512_set1_ps(d);
+    const __m512i qa = round_codes(a, vd), qb = round_codes(b, vd);
+    total = _mm512_reduce_add_epi32(_mm512_add_epi32(qa, qb));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+    return d;
+  }
+  // a step's 64 codes q (inputs in order) and its blocks' d into the prepared row
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static void store(const int8_t* q, const float* d,
+                                                                          bool nibbles, const QInput& in, int64_t k) {
+    int8_t* out = in.q + k;
+    const __m512i v = _mm512_loadu_si512(q);
+    const int64_t b = k / kVec;
+    if (nibbles) {  // bytes 0-31 the even inputs, 32-63 the odd ones
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi16_epi8(v));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + kVec / 2), _mm512_cvtepi16_epi8(_mm512_srai_epi16(v, 8)));
       _mm512_storeu_ps(in.d + 16 * b, _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
-      continue;  // int4's unsigned operand is the codes themselves: no bias
+      return;  // int4's unsigned operand is the codes themselves: no bias
     }
-    _mm512_storeu_si512(out, v);  // byte j holds input j
+    _mm512_storeu_si512(out, v);
     _mm512_storeu_ps(in.d + 16 * b, _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(d[0]), _mm512_set1_ps(d[1])));
     // each lane's four xq summed (ones as the unsigned operand), times -128
     const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), v);
     _mm512_storeu_si512(in.bias + 16 * b, _mm512_mullo_epi32(sums, _mm512_set1_epi32(-128)));
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static Q8 codes(const int8_t* r, int64_t k) {
+    return {_mm512_xor_si512(_mm512_loadu_si512(r + k), _mm512_set1_epi8(static_cast<char>(0x80)))};
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static Q4 codes(const uint8_t* r, int64_t k) {
+    const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k / 2)));
+    return {_mm512_and_si512(_mm512_srlv_epi64(c, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F))};
+  }
+  __attribute__((target("avx512f"))) static In input(const QInput& x, int64_t k) {
+    return {_mm512_loadu_si512(x.q + k), x.bias + k / 4};
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(Q8 v, const In& x) {
+    return _mm512_dpbusd_epi32(_mm512_loadu_si512(x.bias), v.u, x.q);
+  }
+  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(Q4 v, const In& x) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), v.u, x.q);
+  }
+  __attribute__((target("avx512f"))) static F halves(Q8, float s0, float s1) {
+    return _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+  }
+  __attribute__((target("avx512f"))) static F halves(Q4, float s0, float s1) {
+    return _mm512_mask_blend_ps(0xF0F0, _mm512_set1_ps(s0), _mm512_set1_ps(s1));
+  }
+  __attribute__((target("avx512f"))) static F zero() { return _mm512_setzero_ps(); }
+  __attribute__((target("avx512f"))) static F set1(float v) { return _mm512_set1_ps(v); }
+  __attribute__((target("avx512f"))) static F load(const float* p) { return _mm512_loadu_ps(p); }
+  __attribute__((target("avx512f"))) static F to_float(__m512i v) { return _mm512_cvtepi32_ps(v); }
+  __attribute__((target("avx512f"))) static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  __attribute__((target("avx512f"))) static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  __attribute__((target("avx512f"))) static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // 16 (scale, zero) bfloat16 pairs, as float32
+  __attribute__((target("avx512f"))) static void pairs(const bf16* z, F& scale, F& zero) {
+    const __m512i v = _mm512_loadu_si512(z);
+    scale = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+    zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  __attribute__((target("avx512f"))) static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
+
+struct Avx2Int8 {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  // One row at a time, read front to back, its line 4 KiB ahead asked for: on an AVX2 EPYC (Zen 3) cold int4 rows
+  // read at 14-15 GB/s this way against 10-11 interleaving four rows (whatever the prefetching: a stand-alone loop)
+  static constexpr int kRows = 1;
+  static constexpr int64_t kAheadBytes = 4096;
+  struct Q8 { __m256i a, b; };       // int8 weights of the step's two blocks
+  struct Q4 { __m256i even, odd; };  // int4 codes as bytes: the step's even inputs, its odd ones
+  struct In { __m256i a, b; };       // a step of a prepared row: its two halves
+  __attribute__((target("avx2,fma"))) static __m256i round_codes(__m256 x, __m256 d) {
+    const __m256 v = _mm256_round_ps(_mm256_div_ps(x, d), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, _mm256_set1_ps(-127.0f)), _mm256_set1_ps(127.0f)));
+  }
+  __attribute__((target("avx2,fma"))) static float quantize_block(const float* xb, int8_t* q, int32_t& total) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 x[4], top = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      x[i] = _mm256_loadu_ps(xb + 8 * i);
+      top = _mm256_max_ps(top, _mm256_andnot_ps(sign, x[i]));
+    }
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    const float d = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m))) / 127.0f;
+    if (!(d > 0)) {
+      std::fill(q, q + kXBlock, int8_t{0});
+      total = 0;
+      return d > 0 ? d : 0.0f;
+    }
+    const __m256 vd = _mm256_set1_ps(d);
+    __m256i c[4];
+    for (int i = 0; i < 4; ++i) c[i] = round_codes(x[i], vd);
+    const __m256i s = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+    __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+    total = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1)));
+    // packs interleave per 128-bit half: c0[0:4] c1[0:4] c2[0:4] c3[0:4] | c0[4:8] ...; the permutation undoes it
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                        _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    return d;
+  }
+  __attribute__((target("avx2,fma"))) static void store(const int8_t* q, const float* d, bool nibbles,
+                                                       const QInput& in, int64_t k) {
+    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)),
+            b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32));
+    if (nibbles) {  // per 16 bytes the 8 even ones then the 8 odd ones, then per 32 the 16 even then the 16 odd
+      const __m256i pairs = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                             0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+      a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, pairs), 0xD8);
+      b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, pairs), 0xD8);
+      const __m256i even = _mm256_permute2x128_si256(a, b, 0x20), odd = _mm256_permute2x128_si256(a, b, 0x31);
+      a = even;
+      b = odd;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(in.q + k), a);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(in.q + k + 32), b);
+    _mm256_storeu_ps(in.d + 8 * (k / kVec), _mm256_blend_ps(_mm256_set1_ps(d[0]), _mm256_set1_ps(d[1]), 0xF0));
+  }
+  __attribute__((target("avx2,fma"))) static Q8 codes(const int8_t* r, int64_t k) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k + 32))};
+  }
+  __attribute__((target("avx2,fma"))) static Q4 codes(const uint8_t* r, int64_t k) {
+    const __m256i c = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k / 2)), low = _mm256_set1_epi8(0x0F);
+    return {_mm256_and_si256(c, low), _mm256_and_si256(_mm256_srli_epi16(c, 4), low)};
+  }
+  __attribute__((target("avx2,fma"))) static In input(const QInput& x, int64_t k) {
+    return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + k)),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + k + 32))};
+  }
+  // 32 products of |q| and xq with q's sign, in fours: [8] int32
+  __attribute__((target("avx2,fma"))) static __m256i fours(__m256i q, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(x, q)), _mm256_set1_epi16(1));
+  }
+  __attribute__((target("avx2,fma"))) static __m256i dot(Q8 v, const In& x) {
+    const __m256i a = fours(v.a, x.a), b = fours(v.b, x.b);  // all of a's lanes the first block, b's the second
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+  }
+  __attribute__((target("avx2,fma"))) static __m256i dot(Q4 v, const In& x) {
+    const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(v.even, x.a), _mm256_maddubs_epi16(v.odd, x.b));
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+  }
+  template <typename Q>
+  __attribute__((target("avx2,fma"))) static F halves(Q, float s0, float s1) {
+    return _mm256_blend_ps(_mm256_set1_ps(s0), _mm256_set1_ps(s1), 0xF0);
+  }
+  __attribute__((target("avx2,fma"))) static F zero() { return _mm256_setzero_ps(); }
+  __attribute__((target("avx2,fma"))) static F set1(float v) { return _mm256_set1_ps(v); }
+  __attribute__((target("avx2,fma"))) static F load(const float* p) { return _mm256_loadu_ps(p); }
+  __attribute__((target("avx2,fma"))) static F to_float(__m256i v) { return _mm256_cvtepi32_ps(v); }
+  __attribute__((target("avx2,fma"))) static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  __attribute__((target("avx2,fma"))) static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  __attribute__((target("avx2,fma"))) static F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+  __attribute__((target("avx2,fma"))) static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  __attribute__((target("avx2,fma"))) static void pairs(const bf16* z, F& scale, F& zero) {  // 8 pairs
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(z));
+    scale = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    zero = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+  }
+  __attribute__((target("avx2,fma"))) static float sum(F v) { return hsum(v); }
+};
+
+// Quantize x [K] into `buffer` for int8 weights (nibbles false) or int4 ones, groups of g inputs.
+template <typename S>
+void quantize_input(const float* x, float* buffer, int64_t K, int64_t g, bool nibbles) {
+  const QInput in = input_view(buffer, K);
+  if (nibbles) std::fill(in.sum, in.sum + K / g, 0.0f);
+  float d[kVec / kXBlock];
+  alignas(64) int8_t q[kVec];
+  for (int64_t k = 0; k < K; k += kVec) {
+    for (int64_t h = 0; h < kVec / kXBlock; ++h) {  // the step's two blocks
+      int32_t total;
+      d[h] = S::quantize_block(x + k + h * kXBlock, q + h * kXBlock, total);
+      // int4's zero term takes the sum of the inputs the codes see, d * xq (with x's own sum it would add the
+      // inputs' rounding errors times the zero point, 8 steps)
+      if (nibbles) in.sum[(k + h * kXBlock) / g] += d[h] * static_cast<float>(total);
+    }
+    S::store(q, d, nibbles, in, k);
   }
 }
 
@@ -405,22 +578,14 @@ constexpr int kQBlock = 16;  // rows whose scales (and int4's zero terms) are re
 // int8 weights q [N, K] with scales s [N, G]
 template <typename Sc>
 struct Int8Weights {
-  static constexpr __mmask16 kSecond = 0xFF00;  // the lanes of a step's second block
-  static constexpr int64_t kStep = kVec;          // a row's bytes per step
+  static constexpr int64_t kStep = kVec;  // a row's bytes per step
   const int8_t* q;
   const Sc* s;
   int64_t G, N, K;
   int64_t row_bytes() const { return K; }
   const int8_t* row(int64_t n) const { return q + n * K; }
-  // a step's 64 weights of row r as the unsigned operand, q + 128; then their products with the input's step
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i codes(const int8_t* r, int64_t k) {
-    return _mm512_xor_si512(_mm512_loadu_si512(r + k), _mm512_set1_epi8(static_cast<char>(0x80)));
-  }
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(__m512i u, int64_t k, const QInput& x,
-                                                                           __m512i xq) {
-    return _mm512_dpbusd_epi32(_mm512_loadu_si512(x.bias + k / 4), u, xq);
-  }
   // rows [n, n + 16): scale[j * 16 + i] = s[n + i, j]; no zero term
+  template <typename S>
   void block(int64_t n, const QInput&, float* scale, float* offset) const {
     for (int i = 0; i < kQBlock; ++i) {
       offset[i] = 0;
@@ -429,39 +594,39 @@ struct Int8Weights {
   }
 };
 
+// int4 rows [n, n + 16) with bfloat16 scales and zeros: Int4Weights::block's arithmetic, a vector of rows at once
+// (one at a time, the conversions were a quarter of int4's instructions on AVX2)
+template <typename S>
+void int4_block(const bf16* z, int64_t G, int64_t N, int64_t n, const QInput& x, float* scale, float* offset) {
+  constexpr int V = kQBlock / S::kLanes;  // vectors per 16 rows
+  typename S::F off[V];
+  for (int v = 0; v < V; ++v) off[v] = S::zero();
+  for (int64_t j = 0; j < G; ++j)
+    for (int v = 0; v < V; ++v) {
+      typename S::F sc, zero;
+      S::pairs(z + 2 * (j * N + n + v * S::kLanes), sc, zero);
+      S::store(scale + j * kQBlock + v * S::kLanes, sc);
+      off[v] = S::fmadd(S::fnmadd(S::set1(8.0f), sc, zero), S::set1(x.sum[j]), off[v]);
+    }
+  for (int v = 0; v < V; ++v) S::store(offset + v * S::kLanes, off[v]);
+}
+
 // int4 weights, "plain" layout: p [N, K / 2] (input 2i in byte i's low nibble, 2i + 1 in its high one), scales
 // and zeros z [G, N, 2] (torch's int4 kernel's layout: sixteen rows' pairs of a group are 64 bytes in bfloat16)
 template <typename Sc>
 struct Int4Weights {
-  static constexpr __mmask16 kSecond = 0xF0F0;
   static constexpr int64_t kStep = kVec / 2;
   const uint8_t* p;
   const Sc* z;
   int64_t G, N, K;
   int64_t row_bytes() const { return K / 2; }
   const uint8_t* row(int64_t n) const { return p + n * (K / 2); }
-  // a step's 64 weights of row r unpacked to bytes: low nibbles (even inputs) in 0-31, high ones in 32-63
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i codes(const uint8_t* r, int64_t k) {
-    const __m512i c = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(r + k / 2)));
-    return _mm512_and_si512(_mm512_srlv_epi64(c, _mm512_set_epi64(4, 4, 4, 4, 0, 0, 0, 0)), _mm512_set1_epi8(0x0F));
-  }
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) static __m512i dot(__m512i v, int64_t, const QInput&,
-                                                                           __m512i xq) {
-    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, xq);
-  }
   // rows [n, n + 16): scale[j * 16 + i] and offset[i] = sum over groups j of (zero - 8 scale) * x.sum[j]
-  __attribute__((target("avx512f,avx512bw,avx512vnni"))) void block(int64_t n, const QInput& x, float* scale,
-                                                                    float* offset) const {
+  // (8 * scale is exact: zero - 8 scale rounds once, in either form)
+  template <typename S>
+  void block(int64_t n, const QInput& x, float* scale, float* offset) const {
     if constexpr (std::is_same_v<Sc, bf16>) {
-      __m512 off = _mm512_setzero_ps();
-      for (int64_t j = 0; j < G; ++j) {
-        const __m512i v = _mm512_loadu_si512(z + 2 * (j * N + n));  // 16 (scale, zero) pairs
-        const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-        const __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-        _mm512_storeu_ps(scale + j * kQBlock, sc);
-        off = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, zero), _mm512_set1_ps(x.sum[j]), off);
-      }
-      _mm512_storeu_ps(offset, off);
+      int4_block<S>(z, G, N, n, x, scale, offset);
     } else {
       for (int i = 0; i < kQBlock; ++i) offset[i] = 0;
       for (int64_t j = 0; j < G; ++j)
@@ -478,69 +643,67 @@ struct Int4Weights {
 // buffer[r] -> y[r], n0 and n1 multiples of 16; four rows at a time: per group j, each row's steps summed, d per
 // lane, then times the row's scale into its total; groups of 32 inputs share a step, their two scales across
 // its lanes. Groups of one step or two (int4's default, 64) run as one flat loop over the steps, with the same
-// arithmetic as the loop over groups (int4 warm in the L2: 19-24 against 12-14 G weights/s, one core).
+// arithmetic as the loop over groups (AVX-512, int4 warm in the L2: 19-24 against 12-14 G weights/s, one core).
 // Each (input, row) has its own sums in the same order whatever R is, so R does not change a bit.
-template <int R, typename W>
-__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(const W& w, const float* const* buffer,
-                                                                                float* const* y, int64_t n0, int64_t n1) {
+template <typename S, int R, typename W>
+void rows_int(const W& w, const float* const* buffer, float* const* y, int64_t n0, int64_t n1) {
+  using F = typename S::F;
   const int64_t K = w.K, G = w.G, g = K / G, bytes = w.row_bytes();
-  const int64_t ahead = std::max<int64_t>(kQRows, kAheadBytes / bytes / kQRows * kQRows);
+  const int64_t ahead = std::max<int64_t>(S::kRows, S::kAheadBytes / bytes / S::kRows * S::kRows);
   QInput x[R];
   for (int r = 0; r < R; ++r) x[r] = input_view(buffer[r], K);
   std::vector<float> scale(G * kQBlock);
   float offset[R][kQBlock];
   for (int64_t b = n0; b < n1; b += kQBlock) {
-    for (int r = 0; r < R; ++r) w.block(b, x[r], scale.data(), offset[r]);
-    for (int64_t n = b; n < b + kQBlock; n += kQRows) {
-      const bool fetch = n + ahead + kQRows <= w.N;
+    for (int r = 0; r < R; ++r) w.template block<S>(b, x[r], scale.data(), offset[r]);
+    for (int64_t n = b; n < b + kQBlock; n += S::kRows) {
+      const bool fetch = n + ahead + S::kRows <= w.N;
       const char* next = reinterpret_cast<const char*>(w.row(n + ahead));  // the rows `ahead` of these, asked
       // for a line at a time along with the steps that read these rows' same bytes
       const float* sc = scale.data() + (n - b);  // row n + i's group j at sc[j * 16 + i]
-      __m512 tot[R][kQRows];
+      F tot[R][S::kRows];
       for (int r = 0; r < R; ++r)
-        for (int i = 0; i < kQRows; ++i) tot[r][i] = _mm512_setzero_ps();
+        for (int i = 0; i < S::kRows; ++i) tot[r][i] = S::zero();
       if (g <= kVec) {  // a group per step or two: one flat loop
+        const int64_t groups = kVec / g;  // per step: 1 or 2
         for (int64_t k = 0; k < K; k += kVec) {
-          if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
-          const float* s0 = sc + k / g * kQBlock;
-          for (int i = 0; i < kQRows; ++i) {
-            const __m512i v = W::codes(w.row(n + i), k);
-            const __m512 s = g == kXBlock ? _mm512_mask_blend_ps(W::kSecond, _mm512_set1_ps(s0[i]),
-                                                                 _mm512_set1_ps(s0[kQBlock + i]))
-                                          : _mm512_set1_ps(s0[i]);
+          if (fetch) prefetch(next, bytes, S::kRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
+          const float* s0 = sc + k / kVec * groups * kQBlock;  // the step's first group (no division by g)
+          typename S::In in[R];
+          for (int r = 0; r < R; ++r) in[r] = S::input(x[r], k);
+          for (int i = 0; i < S::kRows; ++i) {
+            const auto v = S::codes(w.row(n + i), k);
+            const F s = g == kXBlock ? S::halves(v, s0[i], s0[kQBlock + i]) : S::set1(s0[i]);
             for (int r = 0; r < R; ++r) {
-              const __m512i dot = W::dot(v, k, x[r], _mm512_loadu_si512(x[r].q + k));
-              const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_loadu_ps(x[r].d + k / 4));
-              tot[r][i] = _mm512_fmadd_ps(t, s, tot[r][i]);
+              const F t = S::mul(S::to_float(S::dot(v, in[r])), S::load(x[r].d + k / kVec * S::kLanes));
+              tot[r][i] = S::fmadd(t, s, tot[r][i]);
             }
           }
         }
       } else {
         for (int64_t j = 0; j < G; ++j) {
-          __m512 acc[R][kQRows];
+          F acc[R][S::kRows];
           for (int r = 0; r < R; ++r)
-            for (int i = 0; i < kQRows; ++i) acc[r][i] = _mm512_setzero_ps();
+            for (int i = 0; i < S::kRows; ++i) acc[r][i] = S::zero();
           for (int64_t k = j * g; k < (j + 1) * g; k += kVec) {
-            if (fetch) prefetch(next, bytes, kQRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
-            __m512i xq[R];
-            __m512 d[R];
+            if (fetch) prefetch(next, bytes, S::kRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
+            typename S::In in[R];
+            F d[R];
             for (int r = 0; r < R; ++r) {
-              xq[r] = _mm512_loadu_si512(x[r].q + k);
-              d[r] = _mm512_loadu_ps(x[r].d + k / 4);
+              in[r] = S::input(x[r], k);
+              d[r] = S::load(x[r].d + k / kVec * S::kLanes);
             }
-            for (int i = 0; i < kQRows; ++i) {
-              const __m512i v = W::codes(w.row(n + i), k);
-              for (int r = 0; r < R; ++r)
-                acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(W::dot(v, k, x[r], xq[r])), d[r], acc[r][i]);
+            for (int i = 0; i < S::kRows; ++i) {
+              const auto v = S::codes(w.row(n + i), k);
+              for (int r = 0; r < R; ++r) acc[r][i] = S::fmadd(S::to_float(S::dot(v, in[r])), d[r], acc[r][i]);
             }
           }
           for (int r = 0; r < R; ++r)
-            for (int i = 0; i < kQRows; ++i)
-              tot[r][i] = _mm512_fmadd_ps(acc[r][i], _mm512_set1_ps(sc[j * kQBlock + i]), tot[r][i]);
+            for (int i = 0; i < S::kRows; ++i) tot[r][i] = S::fmadd(acc[r][i], S::set1(sc[j * kQBlock + i]), tot[r][i]);
         }
       }
       for (int r = 0; r < R; ++r)
-        for (int i = 0; i < kQRows; ++i) y[r][n + i] = _mm512_reduce_add_ps(tot[r][i]) + offset[r][n - b + i];
+        for (int i = 0; i < S::kRows; ++i) y[r][n + i] = S::sum(tot[r][i]) + offset[r][n - b + i];
     }
   }
 }
@@ -574,6 +737,40 @@ template <typename Sc>
 __attribute__((target("avx512f"), flatten)) void int8_avx512(const int8_t* q, const Sc* s, int64_t G, const float* x,
                                                              float* y, int64_t n0, int64_t n1, int64_t K) {
   int8_simd<Avx512>(q, s, G, x, y, n0, n1, K);
+}
+
+template <int R, typename W>
+__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void rows_vnni(const W& w, const float* const* x,
+                                                                                float* const* y, int64_t n0, int64_t n1) {
+  rows_int<Vnni512, R>(w, x, y, n0, n1);
+}
+
+template <int R, typename W>
+__attribute__((target("avx2,fma"), flatten)) void rows_avx2_int8(const W& w, const float* const* x, float* const* y,
+                                                                 int64_t n0, int64_t n1) {
+  rows_int<Avx2Int8, R>(w, x, y, n0, n1);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void quantize_vnni(const float* x, float* buffer,
+                                                                                   int64_t K, int64_t g, bool nibbles) {
+  quantize_input<Vnni512>(x, buffer, K, g, nibbles);
+}
+
+__attribute__((target("avx2,fma"), flatten)) void quantize_avx2_int8(const float* x, float* buffer, int64_t K, int64_t g,
+                                                                     bool nibbles) {
+  quantize_input<Avx2Int8>(x, buffer, K, g, nibbles);
+}
+
+// The integer path `isa` names (avx512_vnni or avx2_int8): an input row quantized, R rows times the weights.
+void quantize(Isa isa, const float* x, float* buffer, int64_t K, int64_t g, bool nibbles) {
+  if (isa == Isa::avx512_vnni) return quantize_vnni(x, buffer, K, g, nibbles);
+  quantize_avx2_int8(x, buffer, K, g, nibbles);
+}
+
+template <int R, typename W>
+void rows_integer(Isa isa, const W& w, const float* const* x, float* const* y, int64_t n0, int64_t n1) {
+  if (isa == Isa::avx512_vnni) return rows_vnni<R>(w, x, y, n0, n1);
+  rows_avx2_int8<R>(w, x, y, n0, n1);
 }
 
 // --- projections: rows [n0, n1) of expert e's matrix [N, K] times x, x as `prepare` left it ---------------------
@@ -620,13 +817,13 @@ struct Int8Rows {
   int64_t G;
   Isa isa;
   int64_t N;  // output rows
-  // the integer path where it applies: AVX512-VNNI, groups of 32 or multiples of 64 inputs, rows in sixteens
+  // the integer path where it applies: an integer isa, groups of 32 or multiples of 64 inputs, rows in sixteens
   bool integer(int64_t K) const {
     const int64_t g = K / G;
-    return isa == Isa::avx512_vnni && K % kVec == 0 && (g == kXBlock || g % kVec == 0) && N % kQBlock == 0;
+    return ::integer(isa) && K % kVec == 0 && (g == kXBlock || g % kVec == 0) && N % kQBlock == 0;
   }
   void prepare(const float* row, float* out, int64_t K) const {
-    if (integer(K)) return quantize_input(row, out, K, K / G, false);
+    if (integer(K)) return quantize(isa, row, out, K, K / G, false);
     std::copy(row, row + K, out);
   }
   Int8Weights<Sc> weights(int64_t e, int64_t N, int64_t K) const { return {q + e * N * K, s + e * N * G, G, N, K}; }
@@ -634,31 +831,33 @@ struct Int8Rows {
     const int8_t* qe = q + e * N * K;
     const Sc* se = s + e * N * G;
     const int64_t g = K / G;
-    if (integer(K)) return rows_vnni<1>(weights(e, N, K), &x, &y, n0, n1);
-    if (isa >= Isa::avx512 && g % Avx512::kBlock == 0) return int8_avx512<Sc>(qe, se, G, x, y, n0, n1, K);
-    if (isa >= Isa::avx2 && g % Avx2::kBlock == 0) return int8_avx2<Sc>(qe, se, G, x, y, n0, n1, K);
+    if (integer(K)) return rows_integer<1>(isa, weights(e, N, K), &x, &y, n0, n1);
+    const Isa f = floats(isa);
+    if (f >= Isa::avx512 && g % Avx512::kBlock == 0) return int8_avx512<Sc>(qe, se, G, x, y, n0, n1, K);
+    if (f >= Isa::avx2 && g % Avx2::kBlock == 0) return int8_avx2<Sc>(qe, se, G, x, y, n0, n1, K);
     int8_portable<Sc>(qe, se, G, x, y, n0, n1, K);
   }
   // two pairs of expert e: the integer path reads each step's weights once for both
   void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
-    if (integer(K)) return rows_vnni<2>(weights(e, N, K), x, y, n0, n1);
+    if (integer(K)) return rows_integer<2>(isa, weights(e, N, K), x, y, n0, n1);
     for (int r = 0; r < 2; ++r) (*this)(e, x[r], y[r], n0, n1, N, K);
   }
 };
 
-// int4 experts ("plain" layout), AVX512-VNNI only: p [E, N, K / 2], z [E, G, N, 2]
+// int4 experts ("plain" layout), integer paths only: p [E, N, K / 2], z [E, G, N, 2]
 template <typename Sc>
 struct Int4Rows {
   const uint8_t* p;
   const Sc* z;
   int64_t G;
-  void prepare(const float* row, float* out, int64_t K) const { quantize_input(row, out, K, K / G, true); }
+  Isa isa;  // an integer one
+  void prepare(const float* row, float* out, int64_t K) const { quantize(isa, row, out, K, K / G, true); }
   Int4Weights<Sc> weights(int64_t e, int64_t N, int64_t K) const { return {p + e * N * K / 2, z + e * G * N * 2, G, N, K}; }
   void operator()(int64_t e, const float* x, float* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
-    rows_vnni<1>(weights(e, N, K), &x, &y, n0, n1);
+    rows_integer<1>(isa, weights(e, N, K), &x, &y, n0, n1);
   }
   void two(int64_t e, const float* const* x, float* const* y, int64_t n0, int64_t n1, int64_t N, int64_t K) const {
-    rows_vnni<2>(weights(e, N, K), x, y, n0, n1);
+    rows_integer<2>(isa, weights(e, N, K), x, y, n0, n1);
   }
 };
 
@@ -802,9 +1001,11 @@ at::Tensor expert_ffn_int8(const at::Tensor& x, const at::Tensor& expert, const 
 // int4 experts in the "plain" layout: p [E, N, K / 2] uint8 and z [E, K / g, N, 2] scales and zeros in x's
 // dtype, for each projection; inputs quantized to int8 (AVX512-VNNI).
 at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const at::Tensor& p_in,
-                           const at::Tensor& z_in, const at::Tensor& p_out, const at::Tensor& z_out) {
-  TORCH_CHECK(runs(Isa::avx512_vnni), "expert_ffn_int4 needs AVX512-VNNI; this CPU runs: ",
-              c10::Join(", ", expert_isas()));
+                           const at::Tensor& z_in, const at::Tensor& p_out, const at::Tensor& z_out,
+                           c10::string_view isa_name) {
+  const Isa isa = isa_named(std::string(isa_name), true);
+  TORCH_CHECK(integer(isa), "expert_ffn_int4 runs on an integer path (avx512_vnni, or avx2_int8 on any AVX2 CPU), got '",
+              isa_name, "'; this CPU runs: ", c10::Join(", ", expert_isas()));
   const int64_t E = p_in.size(0), D = x.size(1), N = p_in.size(1), I = N / 2;
   check_rows(x, expert, E);
   TORCH_CHECK(N % 2 == 0 && D % kVec == 0 && I % kVec == 0,
@@ -824,10 +1025,10 @@ at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const 
               "expert_ffn_int4: scales in x's dtype");
   const uint8_t *pi = p_in.data_ptr<uint8_t>(), *po = p_out.data_ptr<uint8_t>();
   if (x.scalar_type() == at::kBFloat16)
-    return ffn<bf16>(x, expert, Int4Rows<bf16>{pi, z_in.data_ptr<bf16>(), G_in},
-                     Int4Rows<bf16>{po, z_out.data_ptr<bf16>(), G_out}, N);
-  return ffn<float>(x, expert, Int4Rows<float>{pi, z_in.data_ptr<float>(), G_in},
-                    Int4Rows<float>{po, z_out.data_ptr<float>(), G_out}, N);
+    return ffn<bf16>(x, expert, Int4Rows<bf16>{pi, z_in.data_ptr<bf16>(), G_in, isa},
+                     Int4Rows<bf16>{po, z_out.data_ptr<bf16>(), G_out, isa}, N);
+  return ffn<float>(x, expert, Int4Rows<float>{pi, z_in.data_ptr<float>(), G_in, isa},
+                    Int4Rows<float>{po, z_out.data_ptr<float>(), G_out, isa}, N);
 }
 
 // Decode-sized dense projections (attention, routers, shared experts, the LM head: kernels/dense.py):
@@ -871,7 +1072,8 @@ TORCH_LIBRARY(moedeploy, m) {
   m.def("expert_ffn_int8(Tensor x, Tensor expert, Tensor q_in, Tensor s_in, Tensor q_out, Tensor s_out, "
         "str isa='best') -> Tensor");
   m.impl("expert_ffn_int8", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int8));
-  m.def("expert_ffn_int4(Tensor x, Tensor expert, Tensor p_in, Tensor z_in, Tensor p_out, Tensor z_out) -> Tensor");
+  m.def("expert_ffn_int4(Tensor x, Tensor expert, Tensor p_in, Tensor z_in, Tensor p_out, Tensor z_out, "
+        "str isa='best') -> Tensor");
   m.impl("expert_ffn_int4", c10::DispatchKey::CPU, TORCH_FN(expert_ffn_int4));
   m.def("linear_rows(Tensor x, Tensor w, str isa='best') -> Tensor");
   m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));

@@ -20,10 +20,10 @@ int8-quantized experts (quant/formats.py: one scale per row and group of inputs)
 int8 weights: each group's sum is scaled, then added, in float32 (torch's `_weight_int8pack_mm` reads int8
 experts at 6.7 GB/s per core on an AVX2 EPYC, this one at 10.8).
 
-On a CPU with AVX512-VNNI (`integer()`) int8 and int4 experts take an integer path instead, as llama.cpp's Q8_0
-and Q4 dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
-quant/formats.py is its reference), and 64 weight-input products are one instruction, summed in int32; the
-float32 roundings come per 64-input step and per group. Where it computes a model's quantized experts (`takes`:
+On a CPU with AVX2 (`integer()`) int8 and int4 experts take an integer path instead, as llama.cpp's Q8_0 and Q4
+dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
+quant/formats.py is its reference), and the weight-input products are summed in int32 (AVX512-VNNI: 64 in one
+instruction; AVX2: 32 in two, `avx2_int8`); the float32 roundings come per 64-input step and per group. Where it computes a model's quantized experts (`takes`:
 SiLU-gated, no biases, groups of 32 or multiples of 64), every step of theirs runs here, prompts included: int4
 in the "plain" layout, which has no other fast CPU kernel; int8, whose prompts run 1.6-1.8x faster here than in
 torch's int8 kernel. Elsewhere int8 decode steps still run here, on the float path. Numbers: docs/benchmarks.md.
@@ -123,9 +123,17 @@ def _plain_silu(activation) -> bool:
     return activation.gated and activation.clamp is None and type(fn).__name__ in ("SiLU", "SiLUActivation")
 
 
+INTEGER_ISAS = ("avx512_vnni", "avx2_int8")  # the integer paths, best first
+
+
+def integer_isa() -> str | None:
+    """The kernel's integer path (int8 inputs times int8 / int4 weights) that runs on this CPU, or None."""
+    return next((isa for isa in INTEGER_ISAS if isa in isas()), None)
+
+
 def integer() -> bool:
-    """Whether the kernel's integer path (int8 inputs times int8 / int4 weights, AVX512-VNNI) runs on this CPU."""
-    return "avx512_vnni" in isas()
+    """Whether one of the kernel's integer paths runs on this CPU (any with AVX2)."""
+    return integer_isa() is not None
 
 
 def native_supported(bank) -> bool:
@@ -173,7 +181,7 @@ def check(bank: ExpertBank) -> None:
     """backend="native", asked for by name: refuse a bank it does not compute or a kernel that did not build."""
     if not native_supported(bank):
         raise OptionError("backend 'native' needs SiLU-gated float32/bfloat16 experts without biases on the CPU, "
-                          "int8-quantized ones, or int4 ones on a CPU with AVX512-VNNI; use backend='auto' for "
+                          "int8-quantized ones, or int4 ones on a CPU with AVX2; use backend='auto' for "
                           "this model")
     if not available():
         raise OptionError(f"backend 'native' could not be built ({why_not()}); it needs a C++ compiler with OpenMP "

@@ -10,10 +10,10 @@ Kernels (CPU; x in float32 or bfloat16, scales in x's dtype):
     int8: torch._weight_int8pack_mm(x, q [N, K], scale [N]) once per group (one call when the group is the row);
           decode steps moedeploy's native kernel (kernels/native.py)
     int4: torch._weight_int4pack_mm_for_cpu(x, packed, group, scales_and_zeros [K/g, N, 2]) ("cpu" layout)
-    On a CPU with AVX512-VNNI, for the experts it computes (kernels/native.py `takes`), every step of both runs
+    On a CPU with AVX2, for the experts it computes (kernels/native.py `takes`), every step of both runs
     moedeploy's native kernel instead, int4 over the "plain" layout.
 Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. The native
-kernel's integer path (AVX512-VNNI) multiplies the weights by int8 inputs, as llama.cpp's quantized dot products
+kernel's integer path (AVX512-VNNI, or AVX2) multiplies the weights by int8 inputs, as llama.cpp's quantized dot products
 do: its reference quantizes the inputs first (`quantize_inputs`). Off the CPU the experts run the reference
 (each expert's weight dequantized on the device, then a matmul: the slots and a miss's copy hold the small
 bytes): int8 as stored, int4 in the "plain" layout (the CPU kernel's packing is its own, and CUDA's int4 kernel
@@ -73,7 +73,7 @@ INPUT_BLOCK = 32  # inputs per scale where the native kernel quantizes a step's 
 
 
 def quantize_inputs(x: Tensor) -> Tensor:
-    """x [M, K] -> the float32 values the native kernel's integer path (kernels/native.cpp, AVX512-VNNI) multiplies
+    """x [M, K] -> the float32 values the native kernel's integer paths (kernels/native.cpp) multiply
     the weights by: per block of 32 inputs, d * round(x / d) with d = max|x| / 127. Its reference in tests."""
     M, K = x.shape
     xb = x.float().view(M, K // INPUT_BLOCK, INPUT_BLOCK)
@@ -106,11 +106,11 @@ def for_device(spec: QuantSpec, device: torch.device) -> QuantSpec:
     return replace(spec, layout="plain" if plain else "cpu")
 
 
-def kernel(spec: QuantSpec, device: torch.device, native: bool = False) -> str:
-    """What runs for `spec`'s experts on `device` (the runtime's stats say it); `native`: the bank is one the native
-    kernel's integer path runs every step of (kernels/native.py `every_step`)."""
-    if device.type == "cpu" and native:
-        return f"{spec.dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs (AVX512-VNNI)"
+def kernel(spec: QuantSpec, device: torch.device, integer: str | None = None) -> str:
+    """What runs for `spec`'s experts on `device` (the runtime's stats say it); `integer`: the native kernel's integer
+    path (kernels/native.py `integer_isa`) where it runs every step of the bank (`every_step`)."""
+    if device.type == "cpu" and integer:
+        return f"{spec.dtype}: moedeploy's native kernel (kernels/native.py), int8 inputs ({integer})"
     if device.type != "cpu" or spec.layout == "plain":
         return f"{spec.dtype}: dequantize per expert, then matmul (no packed {spec.dtype} kernel on {device.type})"
     return {"int8": "int8: torch._weight_int8pack_mm; decode steps moedeploy's native kernel (kernels/native.py)",
