@@ -14,8 +14,8 @@ from moedeploy.errors import OptionError
 from moedeploy.kernels import native
 from moedeploy.experts import ExpertBank
 from moedeploy.quant import QuantSpec
-from moedeploy.quant.formats import (dequantize_int4, dequantize_int8, mm_int4, mm_int8, pack_int4, quantize_int4,
-                                     quantize_int8)
+from moedeploy.quant.formats import (block_scales, dequantize_int4, dequantize_int8, mm_int4, mm_int8, pack_int4,
+                                     quantize_int4, quantize_int8, unblock_scales)
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # relative to the largest output
 
@@ -32,12 +32,24 @@ def _int8(w, group, dtype):
 
 def _int4(w, group, dtype, layout="cpu"):
     q, sz = quantize_int4(w, group)
-    packed = pack_int4(q, layout)
-    return (lambda x: mm_int4(x, packed, sz.to(dtype), group, layout)), dequantize_int4(q, sz.to(dtype))
+    packed, z = pack_int4(q, layout), (block_scales(sz) if layout == "plain" else sz).to(dtype)
+    return (lambda x: mm_int4(x, packed, z, group, layout)), dequantize_int4(q, sz.to(dtype))
 
 
 def _int4_plain(w, group, dtype):
     return _int4(w, group, dtype, "plain")
+
+
+@pytest.mark.parametrize("N", [48, 40])
+def test_the_plain_layout_keeps_scales_in_blocks_of_16_rows(N):
+    """[G, N, 2] -> [N / 16, G, 16, 2], each block's groups one after another; one block of all rows where 16 does
+    not divide N; `unblock_scales` undoes it."""
+    sz = torch.randn(3, N, 2)
+    z = block_scales(sz)
+    r = 16 if N % 16 == 0 else N
+    assert z.shape == (N // r, 3, r, 2) and z.is_contiguous()
+    assert torch.equal(z[1, 2, 5], sz[2, r + 5]) if r == 16 else torch.equal(z[0], sz)
+    assert torch.equal(unblock_scales(z), sz)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -106,8 +118,8 @@ def _quantized_bank(fmt, E, D, I, group, dtype, generator):
             deq.append(torch.stack([dequantize_int8(a, b) for a, b in zip(q, s.to(dtype))]))
         else:
             q, z = zip(*(quantize_int4(m, group) for m in w))
-            z = torch.stack(z).to(dtype).contiguous()
-            tensors += [torch.stack([pack_int4(a, "plain") for a in q]), z]
+            z = torch.stack(z).to(dtype)
+            tensors += [torch.stack([pack_int4(a, "plain") for a in q]), torch.stack([block_scales(b) for b in z])]
             deq.append(torch.stack([dequantize_int4(a, b) for a, b in zip(q, z)]))
     return tensors, deq
 
@@ -187,10 +199,12 @@ def test_the_int4_kernel_refuses_groups_and_shapes_it_does_not_take():
     with pytest.raises(RuntimeError, match="scales in x's dtype"):
         torch.ops.moedeploy.expert_ffn_int4(x.bfloat16(), expert, *tensors)
     p_in, z_in, p_out, z_out = tensors
-    with pytest.raises(RuntimeError, match="scales and zeros"):
-        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, z_in[:, :, :64], p_out, z_out)
+    with pytest.raises(RuntimeError, match=r"scales and zeros \[E, N / 16, G, 16, 2\] .*got \[2, 4, 2, 16, 2\]"):
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, z_in[:, :4], p_out, z_out)  # rows 0-63 of 128
+    with pytest.raises(RuntimeError, match="scales and zeros"):  # [E, G, N, 2], as torch's kernel's layout has them
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, torch.zeros(2, 2, 128, 2), p_out, z_out)
     with pytest.raises(RuntimeError, match="groups of 32 inputs or a multiple of 64, got 128 inputs in 8 groups"):
-        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, torch.zeros(2, 8, 128, 2), p_out, z_out)
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, torch.zeros(2, 8, 8, 16, 2), p_out, z_out)
     with pytest.raises(RuntimeError, match="names expert 2; the bank holds 2"):
         torch.ops.moedeploy.expert_ffn_int4(x, torch.tensor([2]), *tensors)
 

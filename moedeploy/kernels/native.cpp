@@ -594,17 +594,17 @@ struct Int8Weights {
   }
 };
 
-// int4 rows [n, n + 16) with bfloat16 scales and zeros: Int4Weights::block's arithmetic, a vector of rows at once
-// (one at a time, the conversions were a quarter of int4's instructions on AVX2)
+// int4 rows [n, n + 16) with bfloat16 scales and zeros zb [G, 16, 2]: Int4Weights::block's arithmetic, a vector of
+// rows at once (one at a time, the conversions were a quarter of int4's instructions on AVX2)
 template <typename S>
-void int4_block(const bf16* z, int64_t G, int64_t N, int64_t n, const QInput& x, float* scale, float* offset) {
+void int4_block(const bf16* zb, int64_t G, const QInput& x, float* scale, float* offset) {
   constexpr int V = kQBlock / S::kLanes;  // vectors per 16 rows
   typename S::F off[V];
   for (int v = 0; v < V; ++v) off[v] = S::zero();
   for (int64_t j = 0; j < G; ++j)
     for (int v = 0; v < V; ++v) {
       typename S::F sc, zero;
-      S::pairs(z + 2 * (j * N + n + v * S::kLanes), sc, zero);
+      S::pairs(zb + 2 * (j * kQBlock + v * S::kLanes), sc, zero);
       S::store(scale + j * kQBlock + v * S::kLanes, sc);
       off[v] = S::fmadd(S::fnmadd(S::set1(8.0f), sc, zero), S::set1(x.sum[j]), off[v]);
     }
@@ -612,7 +612,8 @@ void int4_block(const bf16* z, int64_t G, int64_t N, int64_t n, const QInput& x,
 }
 
 // int4 weights, "plain" layout: p [N, K / 2] (input 2i in byte i's low nibble, 2i + 1 in its high one), scales
-// and zeros z [G, N, 2] (torch's int4 kernel's layout: sixteen rows' pairs of a group are 64 bytes in bfloat16)
+// and zeros z [N / 16, G, 16, 2] (quant/formats.py `block_scales`: a block of 16 rows' are one run of memory, each
+// group's 64 bytes in bfloat16)
 template <typename Sc>
 struct Int4Weights {
   static constexpr int64_t kStep = kVec / 2;
@@ -625,13 +626,14 @@ struct Int4Weights {
   // (8 * scale is exact: zero - 8 scale rounds once, in either form)
   template <typename S>
   void block(int64_t n, const QInput& x, float* scale, float* offset) const {
+    const Sc* zb = z + 2 * kQBlock * G * (n / kQBlock);  // [G, 16, 2]
     if constexpr (std::is_same_v<Sc, bf16>) {
-      int4_block<S>(z, G, N, n, x, scale, offset);
+      int4_block<S>(zb, G, x, scale, offset);
     } else {
       for (int i = 0; i < kQBlock; ++i) offset[i] = 0;
       for (int64_t j = 0; j < G; ++j)
         for (int i = 0; i < kQBlock; ++i) {
-          const float sc = static_cast<float>(z[2 * (j * N + n + i)]), zero = static_cast<float>(z[2 * (j * N + n + i) + 1]);
+          const float sc = static_cast<float>(zb[2 * (j * kQBlock + i)]), zero = static_cast<float>(zb[2 * (j * kQBlock + i) + 1]);
           scale[j * kQBlock + i] = sc;
           offset[i] = std::fma(zero - 8.0f * sc, x.sum[j], offset[i]);
         }
@@ -844,7 +846,7 @@ struct Int8Rows {
   }
 };
 
-// int4 experts ("plain" layout), integer paths only: p [E, N, K / 2], z [E, G, N, 2]
+// int4 experts ("plain" layout), integer paths only: p [E, N, K / 2], z [E, N / 16, G, 16, 2]
 template <typename Sc>
 struct Int4Rows {
   const uint8_t* p;
@@ -998,8 +1000,8 @@ at::Tensor expert_ffn_int8(const at::Tensor& x, const at::Tensor& expert, const 
                     Int8Rows<float>{qo, s_out.data_ptr<float>(), G_out, isa, D}, N);
 }
 
-// int4 experts in the "plain" layout: p [E, N, K / 2] uint8 and z [E, K / g, N, 2] scales and zeros in x's
-// dtype, for each projection; inputs quantized to int8 (AVX512-VNNI).
+// int4 experts in the "plain" layout: p [E, N, K / 2] uint8 and z [E, N / 16, K / g, 16, 2] scales and zeros in
+// x's dtype, for each projection; inputs quantized to int8 (an integer path).
 at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const at::Tensor& p_in,
                            const at::Tensor& z_in, const at::Tensor& p_out, const at::Tensor& z_out,
                            c10::string_view isa_name) {
@@ -1013,11 +1015,12 @@ at::Tensor expert_ffn_int4(const at::Tensor& x, const at::Tensor& expert, const 
   TORCH_CHECK(p_in.scalar_type() == at::kByte && p_out.scalar_type() == at::kByte, "expert_ffn_int4: uint8 codes");
   check_weights(p_in, E, N, D / 2, "p_in");
   check_weights(p_out, E, D, I / 2, "p_out");
-  const int64_t G_in = z_in.size(1), G_out = z_out.size(1);
-  TORCH_CHECK(z_in.dim() == 4 && z_out.dim() == 4 && z_in.is_contiguous() && z_out.is_contiguous() &&
-                  z_in.size(0) == E && z_in.size(2) == N && z_in.size(3) == 2 && z_out.size(0) == E &&
-                  z_out.size(2) == D && z_out.size(3) == 2,
-              "expert_ffn_int4: scales and zeros [E, G, N, 2]");
+  for (const auto& [z, rows] : {std::pair{&z_in, N}, std::pair{&z_out, D}})
+    TORCH_CHECK(z->dim() == 5 && z->is_contiguous() && z->size(0) == E && z->size(1) * kQBlock == rows &&
+                    z->size(3) == kQBlock && z->size(4) == 2,
+                "expert_ffn_int4: scales and zeros [E, N / 16, G, 16, 2] (quant/formats.py block_scales), got ",
+                z->sizes(), " for ", rows, " rows");
+  const int64_t G_in = z_in.size(2), G_out = z_out.size(2);
   for (const auto& [K, G] : {std::pair{D, G_in}, std::pair{I, G_out}})
     TORCH_CHECK(G > 0 && K % G == 0 && (K / G == kXBlock || (K / G) % kVec == 0),
                 "expert_ffn_int4: groups of 32 inputs or a multiple of 64, got ", K, " inputs in ", G, " groups");

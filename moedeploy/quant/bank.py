@@ -3,6 +3,7 @@ time as they stream from the checkpoint (the float layer never exists whole).
 
     int8: q_in [E, N, D] int8, s_in [E, N, G_in];  q_out [E, D, I] int8, s_out [E, D, G_out]
     int4: p_in [E, N, D/2] uint8 (the CPU kernel's packing), z_in [E, D/g, N, 2]; p_out, z_out likewise
+          (the "plain" layout: z_in [E, N/16, D/g, 16, 2], formats.py `block_scales`)
     b_in [E, N], b_out [E, D]: biases stay in the model's dtype
 
 Scales (and int4 zeros) are kept in the model's dtype, as the kernels take them. `linear_in(e, x)` and
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..experts import Activation, pin_buffers
-from .formats import QuantSpec, mm_int4, mm_int8, pack_int4, quantize_int4, quantize_int8
+from .formats import QuantSpec, block_scales, mm_int4, mm_int8, pack_int4, quantize_int4, quantize_int8
 
 
 class QuantizedBank(nn.Module):
@@ -122,4 +123,6 @@ def _quantize(spec: QuantSpec, side: str, w: Tensor, K: int) -> list[tuple[str, 
         q, scale = quantize_int8(w, g)
         return [(f"q_{side}", q), (f"s_{side}", scale)]
     q, scales_and_zeros = quantize_int4(w, g)
+    if spec.layout == "plain":
+        scales_and_zeros = block_scales(scales_and_zeros)
     return [(f"p_{side}", pack_int4(q, spec.layout)), (f"z_{side}", scales_and_zeros)]

@@ -6,7 +6,7 @@ Where (never beside the user's checkpoint): `cache_root()` is $MOEDEPLOY_CACHE, 
 else ~/.cache/moedeploy; the cache of one checkpoint state is `quantized/<identity>-<state>/`, where
 
     identity = hash(the checkpoint's resolved path, expert dtype, group size, model dtype, FORMAT, and int4's
-                    layout where it is not the CPU kernel's)
+                    layout where it is not the CPU kernel's, with the arrangement of its scales)
     state    = hash(identity, and per checkpoint file (config.json, the safetensors index, every
                safetensors file) its name, byte size and mtime_ns)
 
@@ -57,7 +57,7 @@ from ..errors import CheckpointError, OptionError
 from ..store.checkpoint import _safetensors_files
 from ..store.quantized import QuantizedDiskStore
 from .bank import QuantizedBank
-from .formats import QuantSpec
+from .formats import SCALE_ROWS, QuantSpec
 
 FORMAT = 1  # bump when the files' layout or the quantization itself changes: old caches are then not found
 MANIFEST = "manifest.json"
@@ -130,6 +130,7 @@ class QuantCache:
                          "model_dtype": str(dtype).removeprefix("torch."), "format": FORMAT}
         if spec.layout != "cpu":  # named only when not the default, so the caches written before it stay found
             self.identity["layout"] = spec.layout
+            self.identity["scales"] = f"blocks of {SCALE_ROWS} rows"  # plain's since 2026-12-08 (not [G, N, 2])
         elif spec.dtype == "int4":  # torch's CPU int4 packing depends on its version and the CPU's instruction set:
             # a cache packed elsewhere (a shared home folder, an upgraded torch) would be read wrong here
             self.identity["packing"] = f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
