@@ -29,7 +29,7 @@ def test_linear_rows_is_a_bfloat16_rounding_of_the_exact_product(isa):
     assert native.available(), native.why_not()
     if isa not in native.isas() + ["best"]:
         pytest.skip(f"this CPU does not run {isa} (it runs {', '.join(native.isas())})")
-    for N, K in ((1, 128), (7, 129), (33, 200), (70, 2048), (129, 333)):
+    for N, K in ((1, 128), (7, 129), (33, 200), (70, 2048), (129, 333), (300, 32), (9, 48)):
         for M in (1, 2, 5, 16):
             g = torch.Generator().manual_seed(N * 100 + M)
             x, w = torch.randn(M, K, generator=g).bfloat16(), torch.randn(N, K, generator=g).bfloat16()
@@ -74,8 +74,10 @@ def test_the_kernel_takes_decode_sized_bfloat16_steps_only():
     assert dense.takes(step, w, None)
     assert torch.equal(dense.linear(step, w), torch.ops.moedeploy.linear_rows(step[0], w)[None])
     prompt = torch.randn(1, dense.ROWS + 1, 256).bfloat16()
+    short = dense.min_inputs() - 16  # fewer inputs than this CPU's loop takes: 112 with AVX-512, 16 without
+    assert dense.min_inputs() == (128 if "avx512" in native.isas() else 32)
     others = [(prompt, w, None), (step.float(), w.float(), None), (step, w, torch.randn(48).bfloat16()),
-              (step[..., :64], w[:, :64], None), (step, w.clone().requires_grad_(), None),
+              (step[..., :short], w[:, :short], None), (step, w.clone().requires_grad_(), None),
               (step.clone().requires_grad_(), w, None)]
     for x, weight, bias in others:
         assert not dense.takes(x, weight, bias)

@@ -9,9 +9,11 @@ bfloat16, as F.linear does (its bits equal oneDNN's on the shapes measured, thou
 us for that matrix.
 
 It takes steps of at most ROWS rows (a decode step, or a few requests' decode rows in one engine step), bfloat16,
-on the CPU, without a bias, inputs of at least MIN_INPUTS (below that each output's sum is too short for the
-row-at-a-time loop: 2048 x 32 took 109 us against oneDNN's 31); everything else, float32 included (MKL's is as
-fast), goes to F.linear. So a prompt's bits come from oneDNN and a decode step's from this kernel, as with the
+on the CPU, without a bias, inputs of at least `min_inputs()`: 128 on a CPU with AVX-512 (there each output's
+shorter sum is too short for the row-at-a-time loop's 64-input steps: one row by 2048 x 32 took 109 us against
+oneDNN's 31 on a Xeon), 32 with AVX2 alone (16-input steps: the same shape 17 us against oneDNN's 66 on an AVX2
+EPYC, attention's output projection of the large model); everything else, float32 included (MKL's is as fast),
+goes to F.linear. So a prompt's bits come from oneDNN and a decode step's from this kernel, as with the
 expert kernels (`kernels.for_step`); every budget, store and policy runs the same projections, so they keep the
 resident model's bits.
 """
@@ -27,16 +29,26 @@ from ..routing import Router
 from . import native
 
 ROWS = DECODE_TOKENS  # at most this many rows per call: decode-sized steps
-MIN_INPUTS = 128
+
+
+def min_inputs() -> int:
+    """The fewest inputs a projection needs to run here (see the module's doc); 0 where the kernel is not built."""
+    if "min_inputs" not in _state:
+        isas = native.isas() if native.available() else []
+        _state["min_inputs"] = 0 if not isas else 128 if "avx512" in isas else 32
+    return _state["min_inputs"]
+
+
+_state: dict[str, int] = {}
 
 
 def takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Asked on every projection of every step: the cheap checks first (`is_cpu`, not `device.type`: 0.2 against
+    1 us a call here)."""
     K = weight.shape[-1]
-    return (bias is None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and weight.device.type == "cpu" and weight.dim() == 2 and K >= MIN_INPUTS
-            and x.numel() <= ROWS * K
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))  # no backward here
-            and native.available())
+    return (bias is None and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.is_cpu
+            and weight.is_cpu and weight.dim() == 2 and 0 < min_inputs() <= K and x.numel() <= ROWS * K
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)))  # no backward here
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
