@@ -7,8 +7,8 @@
 //
 // over float32 or bfloat16 weights (`expert_ffn`), or int8 weights with a scale per row and group of inputs
 // (`expert_ffn_int8`: quant/formats.py's int8; each group's sum is scaled, then added, all in float32), or int4
-// weights in the "plain" layout (`expert_ffn_int4`). On a CPU with AVX512-VNNI the quantized experts multiply
-// int8-quantized inputs instead (the integer path, below). The float paths also run decode-sized dense projections
+// weights in the "plain" layout (`expert_ffn_int4`). On a CPU with AVX2 the quantized experts multiply
+// int8-quantized inputs instead (the integer paths, below). The float paths also run decode-sized dense projections
 // (`linear_rows`, kernels/dense.py).
 //
 // A matrix-vector product reads its weights once, so it runs at the memory's speed only if the arithmetic keeps
@@ -22,6 +22,7 @@
 //   avx2         the same with 8 lanes (16 bfloat16 at a time)
 //   portable     plain C++ loops (a CPU without AVX2)
 //   avx512_vnni  quantized experts only: the integer path (int8 or int4 weights times int8 inputs)
+//   avx2_int8    the same on any AVX2 CPU (32 products per instruction pair instead of 64 per instruction)
 // Rows ahead are asked for in software (a bfloat16 row of 2048 inputs is one 4 KiB page, and the hardware's
 // prefetcher stops at each page). AVX2: four rows at a time, the next four asked for where the weights are
 // narrower than float32 (+10-15% on an AVX2 EPYC; float32 gained nothing). AVX-512: two rows at a time, the two
@@ -29,7 +30,8 @@
 // loop; on an AVX-512 Xeon two rows read cold experts 5-13% faster than one, medians of three runs: bfloat16
 // 13.3 against 11.8 GB/s at 1 thread, float32 12.9 / 25.1 against 12.3 / 23.8 GB/s at 1 / 2 threads).
 // Every prefetch is T0 (into every cache level): non-temporal ones made a decode 0-8% faster on the AVX-512
-// EPYC, but on an AVX-512 Xeon (Emerald Rapids) cut this kernel's reads to a third, cold or from the L3.
+// EPYC, but on an AVX-512 Xeon (Emerald Rapids) cut this kernel's reads to a third, cold or from the L3 (on the
+// AVX2 EPYC, int4 experts: within the noise).
 // Every output element is summed by one thread in a fixed order, so the bits do not depend on the thread count,
 // on which rows share a step, or on where in a bank an expert sits; they do depend on the instruction set, as
 // torch's own do.
@@ -666,22 +668,31 @@ void rows_int(const W& w, const float* const* buffer, float* const* y, int64_t n
       F tot[R][S::kRows];
       for (int r = 0; r < R; ++r)
         for (int i = 0; i < S::kRows; ++i) tot[r][i] = S::zero();
-      if (g <= kVec) {  // a group per step or two: one flat loop
-        const int64_t groups = kVec / g;  // per step: 1 or 2
+      // a group per step (64 inputs) or two (32, `halved`: their scales across the step's lanes): one flat loop,
+      // compiled for each
+      const auto flat = [&](auto halved) {
+        constexpr int64_t groups = decltype(halved)::value ? 2 : 1;  // per step
         for (int64_t k = 0; k < K; k += kVec) {
           if (fetch) prefetch(next, bytes, S::kRows, k / kVec * W::kStep, (k / kVec + 1) * W::kStep);
-          const float* s0 = sc + k / kVec * groups * kQBlock;  // the step's first group (no division by g)
+          const float* s0 = sc + k / kVec * groups * kQBlock;  // the step's first group
           typename S::In in[R];
           for (int r = 0; r < R; ++r) in[r] = S::input(x[r], k);
           for (int i = 0; i < S::kRows; ++i) {
             const auto v = S::codes(w.row(n + i), k);
-            const F s = g == kXBlock ? S::halves(v, s0[i], s0[kQBlock + i]) : S::set1(s0[i]);
+            F s;
+            if constexpr (decltype(halved)::value) s = S::halves(v, s0[i], s0[kQBlock + i]);
+            else s = S::set1(s0[i]);
             for (int r = 0; r < R; ++r) {
               const F t = S::mul(S::to_float(S::dot(v, in[r])), S::load(x[r].d + k / kVec * S::kLanes));
               tot[r][i] = S::fmadd(t, s, tot[r][i]);
             }
           }
         }
+      };
+      if (g == kXBlock) {
+        flat(std::true_type{});
+      } else if (g == kVec) {
+        flat(std::false_type{});
       } else {
         for (int64_t j = 0; j < G; ++j) {
           F acc[R][S::kRows];
