@@ -644,7 +644,7 @@ struct Int4Weights {
 };
 
 // Rows [n0, n1) of w times R prepared inputs (R pairs of one expert: a prompt's pairs share each step's weights),
-// buffer[r] -> y[r], n0 and n1 multiples of 16; four rows at a time: per group j, each row's steps summed, d per
+// buffer[r] -> y[r], n0 and n1 multiples of 16; S::kRows rows at a time: per group j, each row's steps summed, d per
 // lane, then times the row's scale into its total; groups of 32 inputs share a step, their two scales across
 // its lanes. Groups of one step or two (int4's default, 64) run as one flat loop over the steps, with the same
 // arithmetic as the loop over groups (AVX-512, int4 warm in the L2: 19-24 against 12-14 G weights/s, one core).
