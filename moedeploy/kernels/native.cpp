@@ -635,7 +635,8 @@ struct Int4Weights {
       for (int i = 0; i < kQBlock; ++i) offset[i] = 0;
       for (int64_t j = 0; j < G; ++j)
         for (int i = 0; i < kQBlock; ++i) {
-          const float sc = static_cast<float>(zb[2 * (j * kQBlock + i)]), zero = static_cast<float>(zb[2 * (j * kQBlock + i) + 1]);
+          const Sc* pair = zb + 2 * (j * kQBlock + i);
+          const float sc = static_cast<float>(pair[0]), zero = static_cast<float>(pair[1]);
           scale[j * kQBlock + i] = sc;
           offset[i] = std::fma(zero - 8.0f * sc, x.sum[j], offset[i]);
         }
@@ -769,8 +770,8 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"), flatten)) void quantize_vn
   quantize_input<Vnni512>(x, buffer, K, g, nibbles);
 }
 
-__attribute__((target("avx2,fma"), flatten)) void quantize_avx2_int8(const float* x, float* buffer, int64_t K, int64_t g,
-                                                                     bool nibbles) {
+__attribute__((target("avx2,fma"), flatten)) void quantize_avx2_int8(const float* x, float* buffer, int64_t K,
+                                                                     int64_t g, bool nibbles) {
   quantize_input<Avx2Int8>(x, buffer, K, g, nibbles);
 }
 

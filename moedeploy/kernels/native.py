@@ -23,10 +23,11 @@ experts at 6.7 GB/s per core on an AVX2 EPYC, this one at 10.8).
 On a CPU with AVX2 (`integer()`) int8 and int4 experts take an integer path instead, as llama.cpp's Q8_0 and Q4
 dot products do: each row of inputs is quantized to int8, one scale per 32 inputs (`quantize_inputs` in
 quant/formats.py is its reference), and the weight-input products are summed in int32 (AVX512-VNNI: 64 in one
-instruction; AVX2: 32 in two, `avx2_int8`); the float32 roundings come per 64-input step and per group. Where it computes a model's quantized experts (`takes`:
-SiLU-gated, no biases, groups of 32 or multiples of 64), every step of theirs runs here, prompts included: int4
-in the "plain" layout, which has no other fast CPU kernel; int8, whose prompts run 1.6-1.8x faster here than in
-torch's int8 kernel. Elsewhere int8 decode steps still run here, on the float path. Numbers: docs/benchmarks.md.
+instruction; AVX2: 32 in two, `avx2_int8`); the float32 roundings come per 64-input step and per group. Where it
+computes a model's quantized experts (`takes`: SiLU-gated, no biases, groups of 32 or multiples of 64), every step
+of theirs runs here, prompts included: int4 in the "plain" layout, which has no other fast CPU kernel; int8, whose
+prompts run 1.6-1.8x faster here than in torch's int8 kernel (AVX-512 Xeon). Elsewhere int8 decode steps still
+run here, on the float path. Numbers: docs/benchmarks.md.
 
 The source is compiled at first use, once per torch version and source (`torch.utils.cpp_extension`, 15-60 s,
 with the C++ compiler inductor needs anyway; one line on stderr says so), into torch's extensions folder

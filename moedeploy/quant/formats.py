@@ -15,8 +15,8 @@ Kernels (CPU; x in float32 or bfloat16, scales in x's dtype):
     On a CPU with AVX2, for the experts it computes (kernels/native.py `takes`), every step of both runs
     moedeploy's native kernel instead, int4 over the "plain" layout.
 Each has `dequantize` as its reference: the float weight the kernel stands for, then a plain matmul. The native
-kernel's integer path (AVX512-VNNI, or AVX2) multiplies the weights by int8 inputs, as llama.cpp's quantized dot products
-do: its reference quantizes the inputs first (`quantize_inputs`). Off the CPU the experts run the reference
+kernel's integer path (AVX512-VNNI or AVX2) multiplies the weights by int8 inputs, as llama.cpp's quantized dot
+products do: its reference quantizes the inputs first (`quantize_inputs`). Off the CPU the experts run the reference
 (each expert's weight dequantized on the device, then a matmul: the slots and a miss's copy hold the small
 bytes): int8 as stored, int4 in the "plain" layout (the CPU kernel's packing is its own, and CUDA's int4 kernel
 takes another).
