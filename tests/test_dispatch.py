@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -310,3 +311,24 @@ def test_a_step_with_no_tokens_gives_no_rows(backend):
     run = {"native": kernels.native_pairs, "compiled": kernels.compiled_pairs}[backend]
     assert run(torch.randn(0, 32), torch.zeros(0, 2, dtype=torch.long), bank).shape == (0, 32)
 
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_on_forever(tmp_path):
+    """torch's extension builder waits without limit for the `lock` file a killed build leaves behind: the next
+    load removes a lock older than a build can take and says so (here the compiler then fails at once, CXX=false);
+    a younger one is waited on, as another process may be building."""
+    folder = tmp_path / native._name()
+    folder.mkdir()
+    lock = folder / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - native.STALE_LOCK_S - 60,) * 2)
+    script = "from moedeploy.kernels import native; print(native.available())"
+    env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", (done.stdout, done.stderr)
+    assert "removed a build lock" in done.stderr and str(lock) in done.stderr, done.stderr
+    assert not lock.exists()
+    lock.touch()  # a build in progress elsewhere: waited on until it is older than `stale_after`
+    started = time.monotonic()
+    native._clear_stale_lock(folder, stale_after=0.5, poll=0.05)
+    assert not lock.exists() and time.monotonic() - started >= 0.4

@@ -43,6 +43,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -80,6 +81,28 @@ def _ninja() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+STALE_LOCK_S = 300  # a build lock older than this was left by a build that was killed (a build takes 15-60 s)
+
+
+def _clear_stale_lock(folder: Path, stale_after: float = STALE_LOCK_S, poll: float = 1.0) -> None:
+    """torch's extension builder holds `lock` in the build folder while it builds, and every later load waits,
+    without limit, for the file to go: a build killed midway (Ctrl-C during the first run) would hang every run
+    after it. Wait while another process may be building (the lock younger than `stale_after`), then remove a lock
+    that old and say so."""
+    lock = folder / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age >= stale_after:
+            break
+        time.sleep(min(poll, stale_after - age))
+    lock.unlink(missing_ok=True)
+    print(f"moedeploy: removed a build lock left {age:.0f} s ago by an interrupted build of its CPU kernel ({lock})",
+          file=sys.stderr)
+
+
 def available() -> bool:
     """Whether the kernel is built and loaded (building it on the first call)."""
     if not _state:
@@ -91,6 +114,7 @@ def available() -> bool:
             name = _name()
             folder = Path(root) / name
             folder.mkdir(parents=True, exist_ok=True)
+            _clear_stale_lock(folder)
             if not any(folder.glob("*.so")):
                 print("moedeploy: compiling its CPU expert kernel (once per torch version and moedeploy release, "
                       "15-60 s)", file=sys.stderr)
