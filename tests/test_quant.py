@@ -207,6 +207,8 @@ def test_the_int4_kernel_refuses_groups_and_shapes_it_does_not_take():
         torch.ops.moedeploy.expert_ffn_int4(x, expert, p_in, torch.zeros(2, 8, 8, 16, 2), p_out, z_out)
     with pytest.raises(RuntimeError, match="names expert 2; the bank holds 2"):
         torch.ops.moedeploy.expert_ffn_int4(x, torch.tensor([2]), *tensors)
+    with pytest.raises(RuntimeError, match="expert_ffn_int4 runs on an integer path .*got 'portable'"):
+        torch.ops.moedeploy.expert_ffn_int4(x, expert, *tensors, "portable")
 
 
 def test_int8_groups_add_up_in_float32():
