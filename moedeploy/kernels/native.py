@@ -152,8 +152,11 @@ INTEGER_ISAS = ("avx512_vnni", "avx2_int8")  # the integer paths, best first
 
 
 def integer_isa() -> str | None:
-    """The kernel's integer path (int8 inputs times int8 / int4 weights) that runs on this CPU, or None."""
-    return next((isa for isa in INTEGER_ISAS if isa in isas()), None)
+    """The kernel's integer path (int8 inputs times int8 / int4 weights) that runs on this CPU, or None. Asked on
+    every step of a quantized layer: found once per process."""
+    if "integer" not in _state:
+        _state["integer"] = next((isa for isa in INTEGER_ISAS if isa in isas()), None)
+    return _state["integer"]
 
 
 def integer() -> bool:
