@@ -109,6 +109,7 @@ def available() -> bool:
         from torch.utils import cpp_extension
 
         _ninja()
+        folder, started = None, time.time()
         try:
             root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
             name = _name()
@@ -122,7 +123,11 @@ def available() -> bool:
                                build_directory=str(folder), is_python_module=False, verbose=False)
             _state["ok"] = True
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
-            # say so, keep the other kernels
+            # say so, keep the other kernels; torch 2.14 leaves the failed build's lock behind, for the next run to
+            # wait on: take away one made since this attempt began
+            lock = folder / "lock" if folder is not None else None
+            if lock is not None and lock.exists() and lock.stat().st_mtime >= started - 1:
+                lock.unlink(missing_ok=True)
             _state["error"] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[-1] if str(ex).strip() else ''}"
     return "ok" in _state
 
