@@ -314,9 +314,11 @@ def test_a_step_with_no_tokens_gives_no_rows(backend):
 
 
 def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_on_forever(tmp_path):
-    """torch's extension builder waits without limit for the `lock` file a killed build leaves behind: the next
-    load removes a lock older than a build can take and says so (here the compiler then fails at once, CXX=false);
-    a younger one is waited on, as another process may be building."""
+    """Before torch 2.14 the extension builder waits without limit for the `lock` file a killed build leaves
+    behind: the next load removes a lock older than a build can take and says so (here the compiler then fails at
+    once, CXX=false), and a failed build leaves none; a younger one is waited on, as another process may be
+    building. torch 2.14 locks the file with the OS instead (it stays, and means nothing): there moedeploy leaves
+    it alone, and an old one does not block either."""
     folder = tmp_path / native._name()
     folder.mkdir()
     lock = folder / "lock"
@@ -326,12 +328,24 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_not_waited_on_forever(tm
     env = dict(os.environ, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False", (done.stdout, done.stderr)
+    if not native._lock_is_a_file():
+        assert "removed a build lock" not in done.stderr, done.stderr
+        return
     assert "removed a build lock" in done.stderr and str(lock) in done.stderr, done.stderr
-    assert not lock.exists()  # nor left by the failed build (torch 2.14 leaves its lock when a build fails)
+    assert not lock.exists()
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "False" and "removed a build lock" not in done.stderr, (done.stdout, done.stderr)
-    assert not lock.exists()
+    assert not lock.exists()  # nor left by the failed build
     lock.touch()  # a build in progress elsewhere: waited on until it is older than `stale_after`
     started = time.monotonic()
     native._clear_stale_lock(folder, stale_after=0.5, poll=0.05)
     assert not lock.exists() and time.monotonic() - started >= 0.4
+
+
+def test_torch_locks_its_build_folder_by_a_file_before_2_14_and_by_the_os_from_it():
+    """The internal `_lock_is_a_file` reads: torch.utils.cpp_extension's `FileBaton` (before 2.14) or `FileLock`."""
+    from torch.utils import cpp_extension
+
+    newer = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+    assert native._lock_is_a_file() is (not newer)
+    assert hasattr(cpp_extension, "FileLock" if newer else "FileBaton")

@@ -84,11 +84,20 @@ def _ninja() -> None:
 STALE_LOCK_S = 300  # a build lock older than this was left by a build that was killed (a build takes 15-60 s)
 
 
+def _lock_is_a_file() -> bool:
+    """Whether this torch's extension builder locks a build folder by the mere existence of its `lock` file
+    (`FileBaton`, torch < 2.14), rather than by an OS lock on it that dies with its holder (torch 2.14's
+    `FileLock`: there the file stays after every build and is not a sign of one)."""
+    from torch.utils import cpp_extension
+
+    return "FileBaton" in vars(cpp_extension)
+
+
 def _clear_stale_lock(folder: Path, stale_after: float = STALE_LOCK_S, poll: float = 1.0) -> None:
-    """torch's extension builder holds `lock` in the build folder while it builds, and every later load waits,
-    without limit, for the file to go: a build killed midway (Ctrl-C during the first run) would hang every run
-    after it. Wait while another process may be building (the lock younger than `stale_after`), then remove a lock
-    that old and say so."""
+    """torch's extension builder (before 2.14) holds `lock` in the build folder while it builds, and every later
+    load waits, without limit, for the file to go: a build killed midway (Ctrl-C during the first run) would hang
+    every run after it. Wait while another process may be building (the lock younger than `stale_after`), then
+    remove a lock that old and say so."""
     lock = folder / "lock"
     while True:
         try:
@@ -115,7 +124,8 @@ def available() -> bool:
             name = _name()
             folder = Path(root) / name
             folder.mkdir(parents=True, exist_ok=True)
-            _clear_stale_lock(folder)
+            if _lock_is_a_file():
+                _clear_stale_lock(folder)
             if not any(folder.glob("*.so")):
                 print("moedeploy: compiling its CPU expert kernel (once per torch version and moedeploy release, "
                       "15-60 s)", file=sys.stderr)
@@ -123,10 +133,10 @@ def available() -> bool:
                                build_directory=str(folder), is_python_module=False, verbose=False)
             _state["ok"] = True
         except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as ex:  # no compiler, a failed build:
-            # say so, keep the other kernels; torch 2.14 leaves the failed build's lock behind, for the next run to
-            # wait on: take away one made since this attempt began
+            # say so, keep the other kernels; a lock file this attempt left (torch < 2.14) would make the next run
+            # wait for it: take it away
             lock = folder / "lock" if folder is not None else None
-            if lock is not None and lock.exists() and lock.stat().st_mtime >= started - 1:
+            if lock is not None and _lock_is_a_file() and lock.exists() and lock.stat().st_mtime >= started - 1:
                 lock.unlink(missing_ok=True)
             _state["error"] = f"{type(ex).__name__}: {str(ex).strip().splitlines()[-1] if str(ex).strip() else ''}"
     return "ok" in _state
