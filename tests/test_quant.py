@@ -103,9 +103,6 @@ def _integer_path(isa=None):
         pytest.skip(f"this CPU does not run {isa or 'an integer path'} (the kernel runs {', '.join(native.isas())})")
 
 
-INTEGER_ISAS = ("avx512_vnni", "avx2_int8")  # native.INTEGER_ISAS, named here so that each is a test of its own
-
-
 def _quantized_bank(fmt, E, D, I, group, dtype, generator):
     """Random experts quantized as `fmt` ("int8" or "int4", the "plain" layout): the op's tensors, and the float
     weights they stand for [E, N, K]."""
@@ -136,7 +133,7 @@ def _ffn(x, expert, deq, dtype, inputs=lambda t: t.float()):
     return torch.cat(rows)
 
 
-@pytest.mark.parametrize("isa", INTEGER_ISAS)
+@pytest.mark.parametrize("isa", native.INTEGER_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype, isa):
@@ -163,7 +160,7 @@ def test_the_integer_path_matches_its_reference_on_odd_shapes(fmt, dtype, isa):
             assert 0 < off <= 4e-2, (E, D, I, group, P, off)
 
 
-@pytest.mark.parametrize("isa", INTEGER_ISAS)
+@pytest.mark.parametrize("isa", native.INTEGER_ISAS)
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_the_integer_path_bits_do_not_depend_on_threads_rows_or_slots(fmt, isa):
     _integer_path(isa)

@@ -30,6 +30,8 @@ from . import native
 
 ROWS = DECODE_TOKENS  # at most this many rows per call: decode-sized steps
 
+_state: dict[str, int] = {}
+
 
 def min_inputs() -> int:
     """The fewest inputs a projection needs to run here (see the module's doc); 0 where the kernel is not built."""
@@ -37,9 +39,6 @@ def min_inputs() -> int:
         isas = native.isas() if native.available() else []
         _state["min_inputs"] = 0 if not isas else 128 if "avx512" in isas else 32
     return _state["min_inputs"]
-
-
-_state: dict[str, int] = {}
 
 
 def takes(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
